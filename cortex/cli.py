@@ -1,0 +1,139 @@
+"""The ``cortex`` command: parse arguments, load settings, dispatch.
+
+Config errors are reported here, once, as ``key.path: problem`` lines on stderr with exit code 2, so every
+subcommand that reads the config fails the same way. Subcommands that talk to a running gateway
+(``status``, ``pin``...) live in :mod:`cortex.admin_client`; ``agent`` and ``sim`` bring their own flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from cortex import __version__
+from cortex.config import ConfigFileError, Settings, find_config_file, format_validation_error, load_settings
+
+__all__ = ["build_parser", "main"]
+
+_ADMIN_MODEL = ("pin", "unpin", "load", "unload")
+_ADMIN_NODE = ("drain", "undrain", "restart")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", help="config file (else $CORTEX_CONFIG, ./cortex.toml, "
+                        "~/.config/cortex/cortex.toml)")
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+
+    parser = argparse.ArgumentParser(
+        prog="cortex", parents=[common],
+        description="One OpenAI- and Anthropic-compatible endpoint and a live console for a mistral.rs fleet.",
+    )
+    parser.add_argument("--version", action="version", version=f"cortex {__version__}")
+    _serve_flags(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _serve_flags(sub.add_parser("serve", parents=[common], help="run the gateway (default)"))
+    sub.add_parser("check-config", parents=[common], help="validate the config and print the resolved settings")
+
+    status = sub.add_parser("status", parents=[common], help="print the fleet from a running gateway")
+    status.add_argument("--json", action="store_true", help="the full snapshot as JSON")
+    _gateway_flag(status)
+    for action in _ADMIN_MODEL:
+        p = sub.add_parser(action, parents=[common], help=f"{action} a model on a running gateway")
+        p.add_argument("model")
+        p.add_argument("--node", help="only this node")
+        if action == "unload":
+            p.add_argument("--force", action="store_true", help="also unload (and unpin) a pinned model")
+        _gateway_flag(p)
+    for action in _ADMIN_NODE:
+        p = sub.add_parser(action, parents=[common], help=f"{action} a node on a running gateway")
+        p.add_argument("node")
+        _gateway_flag(p)
+
+    from cortex.agent.cli import add_agent_arguments
+    from cortex.sim.cli import add_sim_arguments
+
+    add_agent_arguments(sub.add_parser("agent", parents=[common], help="the per-node sidecar"))
+    add_sim_arguments(sub.add_parser("sim", parents=[common], help="run one simulated mistral.rs node"))
+    return parser
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-tui", action="store_true", help="run headless (for services); logs go to stderr")
+    p.add_argument("--demo", action="store_true", help="run on three simulated nodes with synthetic traffic")
+    p.add_argument("--read-only", action="store_true", help="console without actions")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="headless log format")
+
+
+def _gateway_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gateway", metavar="URL", help="gateway base URL (default: from the config's gateway.listen)")
+
+
+def _settings(args: argparse.Namespace, *, demo: bool = False) -> Settings | int:
+    try:
+        path = None if demo and not args.config and not os.environ.get("CORTEX_CONFIG") else find_config_file(args.config)
+        return load_settings(path)
+    except ConfigFileError as exc:
+        print(f"cortex: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        for line in format_validation_error(exc):
+            print(line, file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cortex`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = args.command or "serve"
+    if command == "agent":
+        from cortex.agent.cli import run_agent
+
+        return run_agent(args)
+    if command == "sim":
+        from cortex.sim.cli import run_sim
+
+        return run_sim(args)
+    demo = bool(getattr(args, "demo", False))
+    settings = _settings(args, demo=demo)
+    if isinstance(settings, int):
+        return settings
+    if command == "check-config":
+        print(settings.model_dump_json(indent=2))
+        return 0
+    if command in ("serve",):
+        return _serve(args, settings)
+    from cortex import admin_client
+
+    return admin_client.run(command, args, settings)
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from cortex.runtime import configure_logging, run, state_dir
+
+    if not settings.nodes and not args.demo:
+        print("cortex: nodes: no [[nodes]] configured (try `cortex --demo`)", file=sys.stderr)
+        return 2
+    headless = args.no_tui or not sys.stdout.isatty()
+    configure_logging(
+        fmt=args.log_format, verbose=args.verbose, to_file=None if headless else state_dir() / "cortex.log"
+    )
+    try:
+        return asyncio.run(run(settings, headless=headless, read_only=args.read_only, demo=args.demo))
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"cortex: gateway.listen: cannot listen on {settings.gateway.listen}: {exc.strerror}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

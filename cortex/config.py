@@ -1,0 +1,337 @@
+"""The one typed settings tree, read from ``cortex.toml`` and overridden by ``CORTEX_*`` variables.
+
+Who reads what: the engine reads ``poll``, ``eviction``, ``nodes`` and ``models``; the gateway reads
+``gateway``; the console reads ``tui`` (a headless run ignores it). Every field carries its default and
+an attribute docstring: those docstrings are the source of the comments in the example ``cortex.toml``.
+
+The file is found in this order: ``--config``, ``$CORTEX_CONFIG``, ``./cortex.toml``,
+``~/.config/cortex/cortex.toml``. Environment variables win over the file
+(``CORTEX_GATEWAY__LISTEN=127.0.0.1:8000``). Validation errors become one ``key.path: problem`` line each
+(:func:`format_validation_error`), and the CLI exits 2 on them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = [
+    "ConfigFileError",
+    "EvictionSettings",
+    "GatewaySettings",
+    "ModelSettings",
+    "NodeSettings",
+    "PollSettings",
+    "Settings",
+    "TuiSettings",
+    "find_config_file",
+    "format_validation_error",
+    "load_settings",
+    "parse_listen",
+]
+
+
+class ConfigFileError(Exception):
+    """The config file is missing or is not valid TOML."""
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[::1]:8000`` for IPv6) into its parts.
+
+    Raises:
+        ValueError: when the address has no port, a bad port or an empty host.
+    """
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8000")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    return host, port
+
+
+def _check_listen(value: str) -> str:
+    parse_listen(value)
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class GatewaySettings(_Section):
+    """``[gateway]``: the client API, the admin API and the metrics endpoint."""
+
+    listen: str = "0.0.0.0:8000"
+    """Address of the client API and the admin API (HOST:PORT)."""
+    metrics_listen: str = "0.0.0.0:9100"
+    """Address of the Prometheus /metrics endpoint (HOST:PORT); empty to serve metrics on `listen` only."""
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    """When non-empty, clients must send one of these keys (Bearer token or x-api-key)."""
+    admin_token: SecretStr = SecretStr("")
+    """Bearer token for the admin API; empty means loopback clients only."""
+    first_byte_timeout_s: float = Field(default=600.0, gt=0)
+    """Seconds to wait for a node's first byte (a cold load can take minutes)."""
+    stream_idle_timeout_s: float = Field(default=300.0, gt=0)
+    """Seconds a stream may stay silent before cortex gives up on it."""
+    queue_timeout_s: float = Field(default=300.0, gt=0)
+    """Seconds a request may wait for its model to be placed and loaded."""
+    max_queue: int = Field(default=1024, gt=0)
+    """Requests that may wait per model; beyond it 503 (OpenAI) / 529 (Anthropic)."""
+    max_body_mb: float = Field(default=50.0, gt=0)
+    """Largest request body accepted, in MiB (413 beyond)."""
+    drain_s: float = Field(default=30.0, ge=0)
+    """On shutdown, seconds in-flight streams may take to finish."""
+
+    _listen = field_validator("listen")(_check_listen)
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, value: str) -> str:
+        return value if value == "" else _check_listen(value)
+
+
+class EvictionSettings(_Section):
+    """``[eviction]``: which models leave a node's VRAM, and when."""
+
+    strategy: Literal["lru", "priority"] = "lru"
+    """Victim order: `lru` (least recently used) or `priority` (lowest priority, then LRU)."""
+    idle_ttl_s: float = Field(default=0.0, ge=0)
+    """Unload a model idle this long (0 = never); pinned models stay."""
+    headroom_mb: int = Field(default=512, ge=0)
+    """VRAM kept free on every node, in MiB."""
+    min_resident_s: float = Field(default=30.0, ge=0)
+    """A freshly loaded model is not evicted sooner (anti-thrash)."""
+    defrag_after_cycles: int = Field(default=50, ge=0)
+    """Restart a node's server after this many eviction cycles (0 = never)."""
+
+
+class PollSettings(_Section):
+    """``[poll]``: how often and how patiently nodes are polled."""
+
+    interval_s: float = Field(default=2.0, gt=0)
+    """Seconds between polls of each node."""
+    timeout_s: float = Field(default=2.0, gt=0)
+    """Timeout of one poll request."""
+    down_after: int = Field(default=3, gt=0)
+    """Failed polls before a node is marked down."""
+
+
+class TuiSettings(_Section):
+    """``[tui]``: the console. Ignored by ``--no-tui``."""
+
+    theme: str = "cortex-dark"
+    """A theme file in `theme_dir` (without .toml) or a built-in Textual theme."""
+    theme_dir: str = ""
+    """Folder of theme files; empty = the `themes/` folder shipped with cortex."""
+    refresh_hz: float = Field(default=4.0, gt=0, le=60)
+    """Console redraws per second."""
+
+
+def _check_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not a URL (expected http://HOST:PORT)")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError("not a URL (bad port)") from None
+    return value.rstrip("/")
+
+
+class NodeSettings(_Section):
+    """``[[nodes]]``: one mistral.rs server."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Unique node name (letters, digits, `.`, `_`, `-`)."""
+    endpoint: str
+    """Base URL of the node's mistralrs server."""
+    vram_mb: int = Field(gt=0)
+    """GPU memory of the node in MiB."""
+    pinned: list[str] = Field(default_factory=list)
+    """Models loaded at start and never evicted from this node."""
+    agent_token: SecretStr = SecretStr("")
+    """The token this node's agent must present (empty = reports refused)."""
+
+    _endpoint = field_validator("endpoint")(_check_url)
+
+
+class ModelSettings(_Section):
+    """``[[models]]``: optional facts about a model; every key but `id` is optional."""
+
+    id: str = Field(min_length=1)
+    """The model id as the nodes list it."""
+    vram_mb: int | None = Field(default=None, gt=0)
+    """Footprint in MiB; when absent, learned from the VRAM change on load."""
+    priority: int = 0
+    """Higher stays longer under strategy = "priority"."""
+    aliases: list[str] = Field(default_factory=list)
+    """Other names clients may use; globs allowed (`claude-opus-*`)."""
+    max_output_tokens: int | None = Field(default=None, gt=0)
+    """Clamp for requests that ask for more output tokens."""
+
+
+def _default_config_path() -> Path | None:
+    return None
+
+
+class Settings(BaseSettings):
+    """The whole of ``cortex.toml``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CORTEX_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    """The client API, admin API and metrics endpoint."""
+    eviction: EvictionSettings = Field(default_factory=EvictionSettings)
+    """Eviction policy and VRAM headroom."""
+    poll: PollSettings = Field(default_factory=PollSettings)
+    """Node polling."""
+    tui: TuiSettings = Field(default_factory=TuiSettings)
+    """The console."""
+    nodes: list[NodeSettings] = Field(default_factory=list)
+    """The fleet."""
+    models: list[ModelSettings] = Field(default_factory=list)
+    """Facts about models (footprint, priority, aliases)."""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        seen: set[str] = set()
+        for node in self.nodes:
+            if node.name in seen:
+                raise ValueError(f"nodes: duplicate node name {node.name!r}")
+            seen.add(node.name)
+        ids: set[str] = set()
+        for model in self.models:
+            if model.id in ids:
+                raise ValueError(f"models: duplicate model id {model.id!r}")
+            ids.add(model.id)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _CONFIG_PATH.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    def model_facts(self, model_id: str) -> ModelSettings | None:
+        """The ``[[models]]`` entry for a model id, if any."""
+        for model in self.models:
+            if model.id == model_id:
+                return model
+        return None
+
+    def pinned_models(self) -> list[str]:
+        """Every model pinned in config, in node order, without repeats."""
+        out: list[str] = []
+        for node in self.nodes:
+            out.extend(m for m in node.pinned if m not in out)
+        return out
+
+
+# The file path for the TOML source. pydantic-settings calls settings_customise_sources as a classmethod
+# with no way to pass arguments, so load_settings() sets this for the duration of one construction.
+_CONFIG_PATH: dict[str, Path | None] = {"path": None}
+
+
+def find_config_file(explicit: str | None) -> Path | None:
+    """Resolve the config file: ``--config``, ``$CORTEX_CONFIG``, ``./cortex.toml``, the user's config.
+
+    Raises:
+        ConfigFileError: when an explicitly named file (flag or variable) does not exist.
+    """
+    for label, candidate in (("--config", explicit), ("CORTEX_CONFIG", os.environ.get("CORTEX_CONFIG"))):
+        if candidate:
+            path = Path(candidate).expanduser()
+            if not path.is_file():
+                raise ConfigFileError(f"{label}: no such file {str(path)!r}")
+            return path
+    for path in (Path("cortex.toml"), Path("~/.config/cortex/cortex.toml").expanduser()):
+        if path.is_file():
+            return path
+    return None
+
+
+def load_settings(path: Path | None, **overrides: Any) -> Settings:
+    """Build the settings from a TOML file (or none), the environment and keyword overrides.
+
+    Raises:
+        ConfigFileError: when the file is not valid TOML.
+        pydantic.ValidationError: when a value is wrong; format it with :func:`format_validation_error`.
+    """
+    if path is not None:
+        import tomllib
+
+        try:
+            with path.open("rb") as fh:
+                tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigFileError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigFileError(f"{path}: {exc.strerror}") from None
+    _CONFIG_PATH["path"] = path
+    try:
+        return Settings(**overrides)
+    finally:
+        _CONFIG_PATH["path"] = None
+
+
+def _loc_to_path(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-after", "function-before", "function-wrap")):
+            continue
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One ``key.path: problem`` line per error, in the order pydantic found them."""
+    lines: list[str] = []
+    for err in exc.errors(include_url=False):
+        path = _loc_to_path(err["loc"])
+        msg = str(err["msg"])
+        for prefix in ("Value error, ", "Assertion failed, "):
+            if msg.startswith(prefix):
+                msg = msg[len(prefix) :]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if not path and ": " in msg:
+            lines.append(msg)
+            continue
+        lines.append(f"{path or '(top level)'}: {msg}")
+    return lines

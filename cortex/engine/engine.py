@@ -1,0 +1,264 @@
+"""The engine: owns the fleet, its pollers, the lifecycle actor, the metrics and the agent hub.
+
+It is an async context manager because it owns resources (one ``ClientSession``, background tasks) and
+whoever starts a resource stops it. Front ends see the facade (:meth:`snapshot`, :meth:`subscribe`,
+:meth:`submit`); the gateway also uses the request-path methods (:meth:`resolve`, :meth:`acquire`,
+:meth:`record`) and :attr:`session` to stream to nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from cortex.config import Settings
+from cortex.engine import commands as cmd
+from cortex.engine.agents import AgentHub
+from cortex.engine.events import Event, EventBus, ModelPinChanged, NodeStatusChanged
+from cortex.engine.fleet import Fleet, NodeRec, StateStore
+from cortex.engine.lifecycle import Lease, Lifecycle, RestartResult
+from cortex.engine.metrics import CortexMetrics, RequestOutcome
+from cortex.engine.mistralrs import MistralRsClient, NodeError
+from cortex.engine.state import FleetSnapshot, SlotState
+
+__all__ = ["Engine"]
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """The headless core (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        gateway: str | None = None,
+        state_path: Path | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.gateway = gateway if gateway is not None else settings.gateway.listen
+        self.bus = EventBus()
+        self.metrics = CortexMetrics(clock=clock)
+        self._state_path = state_path
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._fleet: Fleet | None = None
+        self._lifecycle: Lifecycle | None = None
+        self.agents = AgentHub(settings, on_change=self._agents_changed, clock=clock)
+        self.ready = asyncio.Event()
+        """Set once every node has been polled once (and pins/budgets reconciled where up)."""
+        self._aliases: dict[str, str | None] = {}
+
+    # -- resources ------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None)
+        )
+        timeout = self.settings.poll.timeout_s
+        clients = {n.name: MistralRsClient(self._session, n.endpoint, timeout_s=timeout) for n in self.settings.nodes}
+        self._fleet = Fleet(self.settings, clients, self.bus, StateStore(self._state_path), gateway=self.gateway, clock=self.clock)
+        fleet = self._fleet
+        fleet.agent_info = self.agents.info
+        fleet.agent_vram = self.agents.vram
+        fleet.stats_for_model = self.metrics.model_stats
+        fleet.stats_for_node = self.metrics.node_stats
+        fleet.totals = self.metrics.totals
+        fleet.recent = self.metrics.recent
+        self.metrics.bind_fleet(fleet.snapshot)
+        self._lifecycle = Lifecycle(self.settings, fleet, self.metrics, self.bus, self.spawn, self._restart)
+        for node in fleet.nodes.values():
+            self.spawn(self._poll_loop(node))
+        self.spawn(self._mark_ready())
+        self.spawn(self._ttl_loop())
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Cancel every engine task and close the session."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        """Run a coroutine as an engine task (cancelled by :meth:`stop`)."""
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("engine task failed", exc_info=task.exception())
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The one persistent client session (for streaming to nodes)."""
+        assert self._session is not None, "Engine used outside `async with`"
+        return self._session
+
+    @property
+    def fleet(self) -> Fleet:
+        assert self._fleet is not None, "Engine used outside `async with`"
+        return self._fleet
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        assert self._lifecycle is not None, "Engine used outside `async with`"
+        return self._lifecycle
+
+    # -- polling --------------------------------------------------------------------------------------
+
+    async def _mark_ready(self) -> None:
+        while any(n.last_poll == 0.0 for n in self.fleet.nodes.values()):
+            await asyncio.sleep(0.02)
+        self.ready.set()
+
+    async def poll_once(self, node: NodeRec) -> None:
+        """Poll one node now (health, models, system info) and apply what it says."""
+        fleet = self.fleet
+        try:
+            await node.client.health()
+            models, info = await asyncio.gather(node.client.models(), node.client.system_info())
+        except NodeError as exc:
+            fleet.poll_failed(node, str(exc))
+            return
+        finally:
+            self.lifecycle.changed()
+        if fleet.poll_ok(node, models, info):
+            log.info("node %s is up (%d models listed)", node.name, len(models))
+            self.spawn(self.lifecycle.reconcile(node))
+
+    async def _poll_loop(self, node: NodeRec) -> None:
+        interval = self.settings.poll.interval_s
+        while True:
+            if not node.restarting:
+                await self.poll_once(node)
+            await asyncio.sleep(interval)
+
+    async def _ttl_loop(self) -> None:
+        ttl = self.settings.eviction.idle_ttl_s
+        if ttl <= 0:
+            return
+        period = max(0.2, min(ttl / 4, 10.0))
+        while True:
+            await asyncio.sleep(period)
+            await self.lifecycle.ttl_sweep()
+
+    def _agents_changed(self) -> None:
+        if self._fleet is not None:
+            self._fleet.touch()
+
+    async def _restart(self, node: str, timeout_s: float) -> RestartResult:
+        outcome = await self.agents.restart(node, timeout_s)
+        return RestartResult(ok=outcome.ok, message=outcome.message, ran=bool(outcome.command_id))
+
+    # -- facade ---------------------------------------------------------------------------------------
+
+    def snapshot(self) -> FleetSnapshot:
+        """The current fleet (immutable)."""
+        return self.fleet.snapshot()
+
+    def subscribe(self) -> AsyncIterator[Event]:
+        """Engine events as they happen."""
+        return self.bus.subscribe()
+
+    async def submit(self, command: cmd.Command) -> cmd.CommandResult:
+        """Carry out a command; never raises for a command that cannot be done."""
+        from cortex.engine.commands_impl import execute
+
+        try:
+            return await execute(self, command)
+        except NodeError as exc:
+            return cmd.CommandResult(False, str(exc))
+
+    # -- request path ---------------------------------------------------------------------------------
+
+    def resolve(self, name: str) -> str | None:
+        """The canonical model id for a client's name: an id nodes list, else a `[[models]].aliases` match."""
+        if name in self.fleet.nodes_by_model():
+            return name
+        cached = self._aliases.get(name, "")
+        if cached != "":
+            return cached
+        found: str | None = None
+        for facts in self.settings.models:
+            if name in facts.aliases:
+                found = facts.id
+                break
+        if found is None:
+            for facts in self.settings.models:
+                if any(fnmatch.fnmatchcase(name, pattern) for pattern in facts.aliases):
+                    found = facts.id
+                    break
+        if len(self._aliases) > 4096:
+            self._aliases.clear()
+        self._aliases[name] = found
+        return found
+
+    def default_model(self) -> str | None:
+        """The model for requests that name none: the config's first pinned model."""
+        pinned = self.settings.pinned_models()
+        return pinned[0] if pinned else None
+
+    def served_models(self) -> list[str]:
+        """Every model id some node lists, sorted."""
+        return sorted(self.fleet.nodes_by_model())
+
+    async def acquire(self, model: str, exclude: tuple[str, ...] = ()) -> Lease:
+        """A lease on a node serving ``model`` (see :meth:`Lifecycle.acquire`)."""
+        return await self.lifecycle.acquire(model, exclude)
+
+    def record(self, outcome: RequestOutcome) -> None:
+        """Count a finished request (metrics, windows, request log, event)."""
+        from cortex.engine.events import RequestCompleted
+
+        record = self.metrics.request_done(outcome)
+        if self.bus.subscribers:
+            self.bus.publish(RequestCompleted(record))
+        self.lifecycle.changed()
+
+    def node_status_changed(self, node: NodeRec, old: str) -> None:
+        """Publish a node status change made by a command."""
+        new = node.status.value
+        if new != old:
+            self.bus.publish(NodeStatusChanged(node.name, old, new))
+
+    def pin_changed(self, model: str, node: str, pinned: bool) -> None:
+        """Publish a pin change made by a command."""
+        self.bus.publish(ModelPinChanged(model, node, pinned))
+
+    def is_loaded_anywhere(self, model: str) -> bool:
+        """Whether the model is loaded on some node (any status)."""
+        return any(
+            (s := n.slots.get(model)) is not None and s.state is SlotState.LOADED for n in self.fleet.nodes.values()
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """A short summary for logs."""
+        return {"nodes": [n.name for n in self.settings.nodes], "gateway": self.gateway}

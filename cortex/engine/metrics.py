@@ -1,0 +1,357 @@
+"""Every Prometheus metric cortex exports, and the sliding windows the console reads.
+
+The registry belongs to the engine (not prometheus-client's global one), so several engines can live in one
+test process. Per-request metrics are recorded once, when a request ends, from one :class:`RequestOutcome`;
+labelled children are cached per label tuple because ``labels()`` costs more than the increment itself.
+Fleet gauges (node up, VRAM, loaded, pinned, in flight, queue depth) are not updated as things change: a
+collector reads the current snapshot when Prometheus scrapes, so they can never drift from the truth.
+Label values are bounded: the gateway passes a catalogue model id or ``unknown``, never raw client input.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from cortex.engine.state import FleetSnapshot, FleetTotals, RequestRecord, SlotState, WindowStats
+
+__all__ = ["CortexMetrics", "RequestOutcome", "SlidingWindow"]
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+_TPS_BUCKETS = (1, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+_LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+_MIB = 1024 * 1024
+
+
+@dataclass(slots=True)
+class RequestOutcome:
+    """What the gateway knows about one finished request (times from ``time.monotonic``)."""
+
+    api: str
+    model: str
+    """A catalogue id or ``unknown``."""
+    node: str
+    """The node that served it, or ``""``."""
+    status: int
+    stream: bool
+    started: float
+    ended: float
+    first_byte: float | None = None
+    """When the first content byte went to the client."""
+    queue_s: float = 0.0
+    upstream_s: float = 0.0
+    """Time spent waiting on the node (headers, body, chunks)."""
+    usage: dict[str, Any] | None = None
+    """mistral.rs usage (nine fields) or OpenAI usage, when the response carried one."""
+
+
+class SlidingWindow:
+    """Per-second buckets over the last ``size`` seconds, plus recent samples for percentiles."""
+
+    __slots__ = ("_decode", "_err", "_req", "_sec", "_tok", "_ttft", "_ttft_n", "_ttft_sum", "size")
+
+    def __init__(self, size: int = 60) -> None:
+        self.size = size
+        self._sec = [-1] * size
+        self._req = [0] * size
+        self._err = [0] * size
+        self._tok = [0] * size
+        self._ttft_sum = [0.0] * size
+        self._ttft_n = [0] * size
+        self._ttft: deque[tuple[float, float]] = deque(maxlen=2048)
+        self._decode: deque[tuple[float, float]] = deque(maxlen=2048)
+
+    def _bucket(self, second: int) -> int:
+        i = second % self.size
+        if self._sec[i] != second:
+            self._sec[i] = second
+            self._req[i] = self._err[i] = self._tok[i] = self._ttft_n[i] = 0
+            self._ttft_sum[i] = 0.0
+        return i
+
+    def add(self, now: float, *, error: bool, tokens: int, ttft: float | None, decode: float | None) -> None:
+        """Count one finished request at time ``now``."""
+        i = self._bucket(int(now))
+        self._req[i] += 1
+        self._err[i] += error
+        self._tok[i] += tokens
+        if ttft is not None:
+            self._ttft_sum[i] += ttft
+            self._ttft_n[i] += 1
+            self._ttft.append((now, ttft))
+        if decode is not None:
+            self._decode.append((now, decode))
+
+    def stats(self, now: float) -> WindowStats:
+        """The window's figures at ``now``."""
+        cur = int(now)
+        tok_series: list[float] = []
+        ttft_series: list[float] = []
+        req = err = tok = 0
+        for second in range(cur - self.size + 1, cur + 1):
+            i = second % self.size
+            if self._sec[i] != second:
+                tok_series.append(0.0)
+                ttft_series.append(0.0)
+                continue
+            req += self._req[i]
+            err += self._err[i]
+            tok += self._tok[i]
+            tok_series.append(float(self._tok[i]))
+            n = self._ttft_n[i]
+            ttft_series.append(self._ttft_sum[i] / n if n else 0.0)
+        horizon = now - self.size
+        ttfts = sorted(v for t, v in self._ttft if t > horizon)
+        decodes = sorted(v for t, v in self._decode if t > horizon)
+        return WindowStats(
+            req_s=req / self.size,
+            tok_s=tok / self.size,
+            decode_tok_s=_quantile(decodes, 0.5),
+            ttft_p50=_quantile(ttfts, 0.5),
+            ttft_p95=_quantile(ttfts, 0.95),
+            errors=err,
+            tok_s_series=tuple(tok_series),
+            ttft_series=tuple(ttft_series),
+        )
+
+
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    idx = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    return sorted_values[idx]
+
+
+def usage_figures(outcome: RequestOutcome) -> tuple[int, int, float | None]:
+    """(prompt tokens, completion tokens, decode tok/s) from the usage, else from cortex's own clock."""
+    usage = outcome.usage or {}
+    prompt = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
+    completion = usage.get("completion_tokens") or usage.get("output_tokens") or 0
+    prompt = int(prompt) if isinstance(prompt, int | float) else 0
+    completion = int(completion) if isinstance(completion, int | float) else 0
+    decode = usage.get("avg_compl_tok_per_sec")
+    if isinstance(decode, int | float) and decode > 0:
+        return prompt, completion, float(decode)
+    if completion > 1 and outcome.first_byte is not None and outcome.ended > outcome.first_byte:
+        return prompt, completion, (completion - 1) / (outcome.ended - outcome.first_byte)
+    return prompt, completion, None
+
+
+class _FleetCollector(Collector):
+    """Fleet gauges computed from the snapshot at scrape time."""
+
+    def __init__(self, source: Callable[[], FleetSnapshot | None]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snap = self._source()
+        up = GaugeMetricFamily("cortex_node_up", "1 when the node answers polls and takes requests", labels=["node"])
+        total = GaugeMetricFamily("cortex_node_vram_total_bytes", "GPU memory of the node", labels=["node"])
+        used = GaugeMetricFamily("cortex_node_vram_used_bytes", "GPU memory in use on the node", labels=["node"])
+        cycles = GaugeMetricFamily(
+            "cortex_node_eviction_cycles", "Eviction cycles since the node's last defrag", labels=["node"]
+        )
+        loaded = GaugeMetricFamily("cortex_model_loaded", "1 when the model is loaded on the node", labels=["model", "node"])
+        pinned = GaugeMetricFamily("cortex_model_pinned", "1 when the model is pinned on the node", labels=["model", "node"])
+        inflight = GaugeMetricFamily(
+            "cortex_requests_in_flight", "Requests being served, per model and node", labels=["model", "node"]
+        )
+        queue = GaugeMetricFamily("cortex_queue_depth", "Requests waiting for a model to load", labels=["model"])
+        families = (up, total, used, cycles, loaded, pinned, inflight, queue)
+        if snap is not None:
+            for node in snap.nodes:
+                up.add_metric([node.name], 1.0 if node.status.value in ("up", "draining") else 0.0)
+                total.add_metric([node.name], float(node.vram_total_mb * _MIB))
+                used.add_metric([node.name], float(node.vram_used_mb * _MIB))
+                cycles.add_metric([node.name], float(node.cycles))
+                for slot in node.slots:
+                    loaded.add_metric([slot.model_id, node.name], 1.0 if slot.state is SlotState.LOADED else 0.0)
+                    pinned.add_metric([slot.model_id, node.name], 1.0 if slot.pinned else 0.0)
+                    inflight.add_metric([slot.model_id, node.name], float(slot.in_flight))
+            for model in snap.models:
+                queue.add_metric([model.id], float(model.queued))
+        yield from families
+
+
+class CortexMetrics:
+    """The engine's registry, its metrics, the console's windows and the recent-request ring."""
+
+    def __init__(
+        self,
+        *,
+        window_s: int = 60,
+        ring: int = 500,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.clock = clock
+        self.window_s = window_s
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "cortex_requests_total", "Client requests by outcome", ["model", "node", "api", "status"], registry=r
+        )
+        self.duration = Histogram(
+            "cortex_request_duration_seconds", "End-to-end request latency seen by cortex",
+            ["model", "node", "api"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "cortex_time_to_first_token_seconds", "Request accepted to first content byte forwarded",
+            ["model", "node", "api"], buckets=_TTFT_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "cortex_prompt_tokens_total", "Prompt tokens (from the node's usage)", ["model", "node", "api"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "cortex_completion_tokens_total", "Completion tokens (from the node's usage)",
+            ["model", "node", "api"], registry=r,
+        )
+        self.decode = Histogram(
+            "cortex_generation_tokens_per_second", "Decode speed per request", ["model", "node"],
+            buckets=_TPS_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "cortex_queue_wait_seconds", "Time a request waited for its model to be placed and loaded",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.overhead = Histogram(
+            "cortex_proxy_overhead_seconds", "Time spent in cortex itself, queue and upstream excluded",
+            ["api"], buckets=_OVERHEAD_BUCKETS, registry=r,
+        )
+        self.loads = Counter("cortex_model_loads_total", "Model loads cortex asked for", ["model", "node", "result"], registry=r)
+        self.load_duration = Histogram(
+            "cortex_model_load_duration_seconds", "Time a node took to load a model", ["model", "node"],
+            buckets=_LOAD_BUCKETS, registry=r,
+        )
+        self.unloads = Counter("cortex_model_unloads_total", "Model unloads by reason", ["model", "node", "reason"], registry=r)
+        self.cycles = Counter("cortex_eviction_cycles_total", "Eviction rounds per node", ["node"], registry=r)
+        self.restarts = Counter("cortex_node_restarts_total", "Node server restarts through the agent", ["node"], registry=r)
+        self._fleet_source: Callable[[], FleetSnapshot | None] = lambda: None
+        r.register(_FleetCollector(lambda: self._fleet_source()))
+        self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
+        self._windows: dict[tuple[str, str], SlidingWindow] = {}
+        self._total = SlidingWindow(window_s)
+        self._ring: deque[RequestRecord] = deque(maxlen=ring)
+        self._ring_view: tuple[RequestRecord, ...] | None = ()
+        self.requests_total = 0
+        self.errors_total = 0
+
+    def bind_fleet(self, source: Callable[[], FleetSnapshot | None]) -> None:
+        """Where the fleet gauges read the snapshot from."""
+        self._fleet_source = source
+
+    def _labelled(self, model: str, node: str, api: str, status: int) -> tuple[Any, ...]:
+        key = (model, node, api, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(model, node, api, str(status)),
+                self.duration.labels(model, node, api),
+                self.ttft.labels(model, node, api),
+                self.prompt_tokens.labels(model, node, api),
+                self.completion_tokens.labels(model, node, api),
+                self.decode.labels(model, node),
+                self.overhead.labels(api),
+            )
+            self._children[key] = children
+        return children
+
+    def _window(self, kind: str, name: str) -> SlidingWindow:
+        key = (kind, name)
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = SlidingWindow(self.window_s)
+        return window
+
+    def request_done(self, o: RequestOutcome) -> RequestRecord:
+        """Record one finished request everywhere it counts; returns its log record."""
+        req, dur, ttft_h, ptok, ctok, dec, ovh = self._labelled(o.model, o.node, o.api, o.status)
+        latency = o.ended - o.started
+        ttft = None if o.first_byte is None else o.first_byte - o.started
+        prompt, completion, decode = usage_figures(o)
+        req.inc()
+        dur.observe(latency)
+        if ttft is not None:
+            ttft_h.observe(ttft)
+        if prompt:
+            ptok.inc(prompt)
+        if completion:
+            ctok.inc(completion)
+        if decode is not None:
+            dec.observe(decode)
+        ovh.observe(max(0.0, latency - o.queue_s - o.upstream_s))
+        now = self.clock()
+        error = o.status >= 400
+        self.requests_total += 1
+        self.errors_total += error
+        for window in (self._total, self._window("model", o.model), self._window("node", o.node)):
+            window.add(now, error=error, tokens=completion, ttft=ttft, decode=decode)
+        record = RequestRecord(
+            ts=now, api=o.api, model=o.model, node=o.node, status=o.status, ttft_s=ttft, tok_s=decode,
+            prompt_tokens=prompt, completion_tokens=completion, latency_s=latency, queue_s=o.queue_s,
+            stream=o.stream,
+        )
+        self._ring.append(record)
+        self._ring_view = None
+        return record
+
+    def queue_waited(self, model: str, seconds: float) -> None:
+        """A request left the load queue after ``seconds``."""
+        self.queue_wait.labels(model).observe(seconds)
+
+    def load_done(self, model: str, node: str, result: str, seconds: float | None) -> None:
+        """A load cortex asked for ended (`ok`, `failed`, `timeout`)."""
+        self.loads.labels(model, node, result).inc()
+        if seconds is not None and result == "ok":
+            self.load_duration.labels(model, node).observe(seconds)
+
+    def unloaded(self, model: str, node: str, reason: str) -> None:
+        """cortex unloaded a model (`evict`, `ttl`, `manual`, `defrag`, `reconcile`)."""
+        self.unloads.labels(model, node, reason).inc()
+
+    def cycle(self, node: str) -> None:
+        """One eviction round on a node."""
+        self.cycles.labels(node).inc()
+
+    def restarted(self, node: str) -> None:
+        """A node's server was restarted through its agent."""
+        self.restarts.labels(node).inc()
+
+    # -- console views ------------------------------------------------------------------------------
+
+    def model_stats(self, model: str) -> WindowStats:
+        """Window figures for a model."""
+        window = self._windows.get(("model", model))
+        return window.stats(self.clock()) if window else WindowStats()
+
+    def node_stats(self, node: str) -> WindowStats:
+        """Window figures for a node."""
+        window = self._windows.get(("node", node))
+        return window.stats(self.clock()) if window else WindowStats()
+
+    def totals(self) -> FleetTotals:
+        """Gateway-wide figures (in-flight and queue filled in by the fleet)."""
+        stats = self._total.stats(self.clock())
+        return FleetTotals(
+            req_s=stats.req_s, tok_s=stats.tok_s, requests=self.requests_total, errors=self.errors_total
+        )
+
+    def recent(self) -> tuple[RequestRecord, ...]:
+        """Recent requests, newest first."""
+        if self._ring_view is None:
+            self._ring_view = tuple(reversed(self._ring))
+        return self._ring_view
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus text format."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)

@@ -1,0 +1,113 @@
+r"""Server-sent events: encoding Anthropic events, and leniently decoding an upstream stream.
+
+Outbound, every event needs its ``event:`` line: the SDKs silently drop data-only events
+(translation.md §1.4, §7). Inbound, upstreams differ in small ways that must all be accepted
+(§3.4 step 2): mistral.rs writes ``data:`` without a space and sends ``:`` comment keep-alives
+and, on agentic runs, named events that are not chunks; others use CRLF line ends. The decoder
+works on bytes and keeps partial lines (and a trailing ``\r`` that may start a CRLF) between
+calls, so it can be fed whatever the socket delivers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Final
+
+__all__ = ["DONE", "SSEDecoder", "encode_event", "encode_sse", "parse_data"]
+
+DONE: Final = "[DONE]"
+"""What :func:`parse_data` returns for the ``data: [DONE]`` end marker."""
+
+
+def encode_sse(event_name: str, data: Mapping[str, Any]) -> bytes:
+    """Encode one event as ``event: NAME``, ``data: {json}`` and a blank line."""
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {event_name}\ndata: {payload}\n\n".encode()
+
+
+def encode_event(event: Mapping[str, Any]) -> bytes:
+    """Encode an Anthropic event, whose ``type`` is its event name."""
+    return encode_sse(event["type"], event)
+
+
+class SSEDecoder:
+    r"""Incremental SSE parser yielding ``(event name or None, data)`` for each dispatched event.
+
+    Comment lines and ``id:``/``retry:`` fields are ignored; multi-line ``data`` is joined
+    with ``\n``; ``data:`` with or without a space is accepted.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._event: str | None = None
+        self._data: list[str] = []
+
+    def feed(self, raw: bytes) -> list[tuple[str | None, str]]:
+        """Consume bytes from the upstream; return the events they complete."""
+        buffer = self._buffer + raw if self._buffer else raw
+        out: list[tuple[str | None, str]] = []
+        start = 0
+        size = len(buffer)
+        while start < size:
+            lf = buffer.find(b"\n", start)
+            cr = buffer.find(b"\r", start, lf if lf >= 0 else size)
+            if cr >= 0:
+                if cr == size - 1:  # maybe the first half of a CRLF: wait for more
+                    break
+                end, next_start = cr, cr + 2 if buffer[cr + 1 : cr + 2] == b"\n" else cr + 1
+            elif lf >= 0:
+                end, next_start = lf, lf + 1
+            else:
+                break
+            self._line(buffer[start:end].decode("utf-8", "replace"), out)
+            start = next_start
+        self._buffer = buffer[start:]
+        return out
+
+    def close(self) -> list[tuple[str | None, str]]:
+        """Flush at EOF: a final event without its blank line is still dispatched."""
+        out: list[tuple[str | None, str]] = []
+        if self._buffer:
+            self._line(self._buffer.rstrip(b"\r").decode("utf-8", "replace"), out)
+            self._buffer = b""
+        self._line("", out)
+        return out
+
+    def _line(self, line: str, out: list[tuple[str | None, str]]) -> None:
+        if not line:
+            if self._data:
+                out.append((self._event, "\n".join(self._data)))
+            self._event, self._data = None, []
+            return
+        if line[0] == ":":
+            return
+        name, _, value = line.partition(":")
+        if value[:1] == " ":
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+
+
+def parse_data(event: str | None, data: str) -> Mapping[str, Any] | str | None:
+    """Interpret one decoded upstream event as an OpenAI stream item.
+
+    Returns:
+        The parsed chunk object; :data:`DONE` for the end marker; ``None`` for anything to
+        ignore (named non-chunk events such as mistral.rs's agentic progress, empty or
+        non-object data).
+    """
+    if event not in (None, "message"):
+        return None
+    data = data.strip()
+    if data == DONE:
+        return DONE
+    if not data:
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, Mapping) else None

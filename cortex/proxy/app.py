@@ -1,0 +1,150 @@
+"""The gateway's aiohttp application and the runner that serves it inside the caller's loop.
+
+``create_app`` wires routes to an existing :class:`~cortex.engine.engine.Engine` (the engine is owned by
+the runtime, not by the app, so the console and the gateway share one). ``serve`` is an async context
+manager around ``AppRunner``: on exit aiohttp stops accepting, lets in-flight handlers (live streams)
+finish for up to ``gateway.drain_s``, then closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from cortex.config import parse_listen
+from cortex.proxy.admin import add_admin_routes
+from cortex.proxy.errors import openai_error
+from cortex.proxy.openai import handle_openai, models_payload
+
+if TYPE_CHECKING:
+    from cortex.engine.engine import Engine
+
+__all__ = ["ENGINE", "Servers", "create_app", "create_metrics_app", "serve"]
+
+log = logging.getLogger(__name__)
+
+ENGINE = web.AppKey("engine", object)
+
+
+def create_app(engine: Engine) -> web.Application:
+    """The client API, the admin API, ``/health`` and ``/ready`` on one app."""
+    settings = engine.settings.gateway
+    app = web.Application(client_max_size=int(settings.max_body_mb * 1024 * 1024), handler_args={"max_field_size": 65536})
+    app[ENGINE] = engine
+    keys = [k.get_secret_value().encode() for k in settings.api_keys]
+
+    def inference(path: str) -> web.RequestHandler:  # type: ignore[type-arg]
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await handle_openai(request, engine, path, keys)
+
+        return handler
+
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        app.router.add_post(path, inference(path))
+
+    async def list_models(request: web.Request) -> web.StreamResponse:
+        from cortex.proxy.common import check_api_key
+
+        anthropic = "anthropic-version" in request.headers
+        try:
+            check_api_key(request, keys)
+        except Exception as exc:  # Unauthorized
+            if anthropic:
+                from cortex.proxy.anthropic_handler import anthropic_error_response
+
+                return anthropic_error_response(401, "authentication_error", str(exc))
+            return openai_error(401, str(exc), code="invalid_api_key")
+        if anthropic:
+            from cortex.proxy.anthropic_handler import anthropic_models
+
+            return web.json_response(anthropic_models(engine))
+        return web.json_response(models_payload(engine))
+
+    async def health(_request: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "ok"})
+
+    async def ready(_request: web.Request) -> web.StreamResponse:
+        up = [n.name for n in engine.snapshot().nodes if n.status.value in ("up", "draining")]
+        status = 200 if up else 503
+        return web.json_response({"ready": bool(up), "nodes_up": up}, status=status)
+
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    with contextlib.suppress(ImportError):
+        from cortex.proxy.anthropic_handler import add_anthropic_routes
+
+        add_anthropic_routes(app, engine, keys)
+    add_admin_routes(app, engine)
+    if not settings.metrics_listen:
+        app.router.add_get("/metrics", make_aiohttp_handler(registry=engine.metrics.registry))
+
+    async def not_found(request: web.Request) -> web.StreamResponse:
+        return openai_error(404, f"no route {request.method} {request.path}", code="not_found")
+
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+def create_metrics_app(engine: Engine) -> web.Application:
+    """``/metrics`` alone, for ``gateway.metrics_listen``."""
+    app = web.Application()
+    app.router.add_get("/metrics", make_aiohttp_handler(registry=engine.metrics.registry))
+    return app
+
+
+class Servers:
+    """The bound addresses of a running gateway."""
+
+    def __init__(self) -> None:
+        self.api: tuple[str, int] = ("", 0)
+        self.metrics: tuple[str, int] | None = None
+
+    @property
+    def url(self) -> str:
+        """The client API's base URL."""
+        host, port = self.api
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+        return f"http://{host}:{port}"
+
+
+@contextlib.asynccontextmanager
+async def serve(engine: Engine) -> AsyncIterator[Servers]:
+    """Serve the gateway (and metrics) until the block exits, then drain for up to ``drain_s``."""
+    settings = engine.settings.gateway
+    servers = Servers()
+    runners: list[web.AppRunner] = []
+    try:
+        runner = web.AppRunner(create_app(engine), access_log=None, handle_signals=False)
+        await runner.setup()
+        runners.append(runner)
+        host, port = parse_listen(settings.listen)
+        site = web.TCPSite(runner, host, port, shutdown_timeout=settings.drain_s, reuse_address=True)
+        await site.start()
+        servers.api = _bound(runner, host)
+        if settings.metrics_listen:
+            mrunner = web.AppRunner(create_metrics_app(engine), access_log=None, handle_signals=False)
+            await mrunner.setup()
+            runners.append(mrunner)
+            mhost, mport = parse_listen(settings.metrics_listen)
+            await web.TCPSite(mrunner, mhost, mport, shutdown_timeout=1.0, reuse_address=True).start()
+            servers.metrics = _bound(mrunner, mhost)
+        engine.gateway = f"{servers.api[0]}:{servers.api[1]}"
+        engine.fleet.gateway = engine.gateway
+        engine.fleet.touch()
+        yield servers
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+def _bound(runner: web.AppRunner, host: str) -> tuple[str, int]:
+    for sock_addr in runner.addresses:
+        if isinstance(sock_addr, tuple):
+            return host, int(sock_addr[1])
+    return host, 0

@@ -1,0 +1,178 @@
+"""Request-side helpers both dialects share: body reading, API keys, model names, waiting for a load.
+
+Each raises cortex's own errors (:mod:`cortex.errors`); the dialect's handler turns them into its envelope,
+so a rule (say, the 413 for large bodies) is written once and holds for OpenAI and Anthropic clients alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from cortex.engine.lifecycle import Lease
+from cortex.errors import BadRequest, CortexError, PayloadTooLarge, Unauthorized, UnknownModel
+from cortex.proxy.forward import Call
+
+if TYPE_CHECKING:
+    from cortex.engine.engine import Engine
+
+__all__ = [
+    "SSE_HEADERS",
+    "WaitFailed",
+    "acquire_streaming",
+    "check_api_key",
+    "cortex_headers",
+    "read_json",
+    "resolve_model",
+]
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+LOAD_NOTICE_S = 5.0
+"""A waiting stream hears from cortex at least this often while its model loads."""
+
+
+def presented_key(request: web.Request) -> str | None:
+    """The API key a client sent (``Authorization: Bearer`` or ``x-api-key``)."""
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def check_api_key(request: web.Request, keys: list[bytes]) -> None:
+    """Raise :class:`Unauthorized` unless the request carries one of ``keys`` (no keys = open)."""
+    if not keys:
+        return
+    key = presented_key(request)
+    if not key:
+        raise Unauthorized("missing API key: send `Authorization: Bearer KEY` or `x-api-key: KEY`")
+    given = key.encode()
+    ok = False
+    for expected in keys:
+        ok |= hmac.compare_digest(given, expected)
+    if not ok:
+        raise Unauthorized("invalid API key")
+
+
+async def read_json(request: web.Request, max_body_mb: float) -> tuple[bytes, dict[str, Any]]:
+    """The raw body and its JSON object.
+
+    Raises:
+        PayloadTooLarge: over ``max_body_mb``.
+        BadRequest: not JSON, or not a JSON object.
+    """
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body is larger than the {max_body_mb:g} MB limit") from None
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return raw, data
+
+
+def resolve_model(engine: Engine, data: dict[str, Any]) -> tuple[str, str]:
+    """(the name the client asked for, the canonical id) for a request body.
+
+    A missing model (or ``default``) means the config's first pinned model.
+
+    Raises:
+        BadRequest: ``model`` is not a string, or absent with no pinned model to default to.
+        UnknownModel: no node serves it and no alias matches.
+    """
+    name = data.get("model")
+    if name is None or name == "default":
+        default = engine.default_model()
+        if default is None:
+            raise BadRequest("`model` is required (no pinned model to default to)", param="model")
+        return default, default
+    if not isinstance(name, str) or not name:
+        raise BadRequest("`model` must be a non-empty string", param="model")
+    model = engine.resolve(name)
+    if model is None:
+        served = ", ".join(engine.served_models()) or "none"
+        raise UnknownModel(f"model {name!r} is not served by this gateway; available models: {served}")
+    return name, model
+
+
+def cortex_headers(call: Call, upstream_request_id: str | None = None) -> dict[str, str]:
+    """The response headers that tell the client where its request went."""
+    headers = {
+        "x-cortex-node": call.node,
+        "x-cortex-model": call.model,
+        "x-cortex-queue-ms": str(int(call.queue_s * 1000)),
+    }
+    if upstream_request_id:
+        headers["x-request-id"] = upstream_request_id
+    return headers
+
+
+async def acquire_streaming(
+    engine: Engine,
+    call: Call,
+    request: web.Request,
+    notice: Callable[[str, str, float], bytes],
+) -> tuple[Lease, web.StreamResponse | None]:
+    """Lease a node for a streaming request, keeping the client's connection alive during a load.
+
+    When the model is loaded somewhere the lease comes at once. Otherwise, after a second of waiting,
+    the stream's headers go out (200, event stream) and ``notice(model, node, elapsed)`` is written at least
+    every :data:`LOAD_NOTICE_S` seconds until the model is ready, so clients do not time out on a cold load.
+
+    Returns:
+        The lease, and the already prepared response when notices were sent (else None).
+
+    Raises:
+        CortexError: from the engine, before anything was sent.
+        WaitFailed: from the engine, after notices were sent (the stream must be finished by the caller).
+    """
+    node = engine.lifecycle.route(call.model)
+    if node is not None:
+        return Lease(engine.fleet, node, call.model, 0.0), None
+    task = asyncio.ensure_future(engine.acquire(call.model))
+    response: web.StreamResponse | None = None
+    started = time.monotonic()
+    try:
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+        while not done:
+            if response is None:
+                response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+                response.headers["x-cortex-model"] = call.model
+                await response.prepare(request)
+            loading = engine.fleet.loading.get(call.model)
+            where = loading[0] if loading else "a node"
+            await response.write(notice(call.model, where, time.monotonic() - started))
+            done, _ = await asyncio.wait({task}, timeout=LOAD_NOTICE_S - 0.5)
+    except BaseException:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        elif not task.cancelled() and task.exception() is None:
+            task.result().release()
+        raise
+    try:
+        return task.result(), response
+    except CortexError as exc:
+        if response is not None:
+            raise WaitFailed(exc, response) from None
+        raise
+
+
+class WaitFailed(Exception):
+    """Waiting for a model failed after the stream's headers went out; finish it in the dialect's way."""
+
+    def __init__(self, error: CortexError, response: web.StreamResponse) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.response = response

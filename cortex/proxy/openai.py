@@ -1,0 +1,297 @@
+"""The OpenAI dialect: chat completions, completions, embeddings and the merged model list.
+
+The hot path is a pass-through: the client's bytes go to the node unchanged unless cortex must rewrite
+them (an alias or a missing model becomes the real id, a ``developer`` role becomes ``system``), and the
+node's stream is forwarded chunk by chunk as it arrives, never parsed. The usage for metrics is found once
+at the end in the stream's tail (:class:`~cortex.proxy.forward.UsageTail`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from cortex.errors import BadRequest, CortexError
+from cortex.proxy.common import (
+    SSE_HEADERS,
+    WaitFailed,
+    acquire_streaming,
+    check_api_key,
+    cortex_headers,
+    read_json,
+    resolve_model,
+)
+from cortex.proxy.errors import openai_error, openai_error_for
+from cortex.proxy.forward import Call, NodeReplyError, UsageTail, send, upstream_headers
+
+if TYPE_CHECKING:
+    from cortex.engine.engine import Engine
+    from cortex.engine.lifecycle import Lease
+
+__all__ = ["handle_openai", "models_payload", "validate_openai"]
+
+log = logging.getLogger(__name__)
+
+_INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "top_k", "top_logprobs")
+_NUM_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
+def _check_type(data: dict[str, Any], key: str, types: tuple[type, ...], what: str) -> None:
+    value = data.get(key)
+    if value is None:
+        return
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise BadRequest(f"`{key}` must be {what}, not {type(value).__name__}", param=key)
+
+
+def validate_openai(path: str, data: dict[str, Any]) -> None:
+    """Reject wrong field types with a 400 before any node sees them.
+
+    Raises:
+        BadRequest: naming the field.
+    """
+    _check_type(data, "stream", (bool,), "a boolean")
+    for key in _INT_FIELDS:
+        _check_type(data, key, (int,), "an integer")
+    for key in _NUM_FIELDS:
+        _check_type(data, key, (int, float), "a number")
+    for key in ("max_tokens", "max_completion_tokens", "n"):
+        value = data.get(key)
+        if isinstance(value, int) and value < 1:
+            raise BadRequest(f"`{key}` must be at least 1", param=key)
+    _check_type(data, "stop", (str, list), "a string or an array of strings")
+    _check_type(data, "stream_options", (dict,), "an object")
+    if path == "/v1/chat/completions":
+        messages = data.get("messages")
+        if messages is None:
+            raise BadRequest("`messages` is required", param="messages")
+        if not isinstance(messages, list | str) or not messages:
+            raise BadRequest("`messages` must be a non-empty array", param="messages")
+        if isinstance(messages, list):
+            for i, msg in enumerate(messages):
+                if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+                    raise BadRequest(f"`messages[{i}]` must be an object with a string `role`", param="messages")
+        _check_type(data, "tools", (list,), "an array")
+    elif path == "/v1/completions":
+        prompt = data.get("prompt")
+        if prompt is None:
+            raise BadRequest("`prompt` is required", param="prompt")
+        _check_type(data, "prompt", (str, list), "a string or an array")
+    elif path == "/v1/embeddings":
+        value = data.get("input")
+        if value is None or value == "" or value == []:
+            raise BadRequest("`input` is required and must not be empty", param="input")
+        _check_type(data, "input", (str, list), "a string or an array")
+
+
+def _rewrite(data: dict[str, Any], name: str, model: str) -> bool:
+    """Adjust the body for the node in place; True when it changed."""
+    changed = False
+    if data.get("model") != model:
+        data["model"] = model
+        changed = True
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        for msg in messages:
+            if msg.get("role") == "developer":
+                msg["role"] = "system"
+                changed = True
+    return changed
+
+
+def _include_usage(data: dict[str, Any]) -> bool:
+    opts = data.get("stream_options")
+    return isinstance(opts, dict) and opts.get("include_usage") is True
+
+
+def models_payload(engine: Engine) -> dict[str, Any]:
+    """The merged catalogue in the OpenAI list shape, with cortex's per-model facts."""
+    snap = engine.snapshot()
+    created = int(snap.started_at)
+    data = [
+        {
+            "id": m.id,
+            "object": "model",
+            "created": created,
+            "owned_by": "cortex",
+            "cortex": {
+                "nodes": list(m.nodes),
+                "listed_on": list(m.listed_on),
+                "state": m.state,
+                "pinned": m.pinned,
+                "aliases": list(m.aliases),
+            },
+        }
+        for m in snap.models
+    ]
+    return {"object": "list", "data": data}
+
+
+async def handle_openai(request: web.Request, engine: Engine, path: str, keys: list[bytes]) -> web.StreamResponse:
+    """Serve one OpenAI-dialect inference request, and count it."""
+    call = Call(api="openai", started=time.monotonic())
+    try:
+        check_api_key(request, keys)
+        raw, data = await read_json(request, engine.settings.gateway.max_body_mb)
+        validate_openai(path, data)
+        name, call.model = resolve_model(engine, data)
+        if _rewrite(data, name, call.model):
+            raw = orjson.dumps(data)
+        call.stream = data.get("stream") is True and path != "/v1/embeddings"
+        headers = upstream_headers(request.headers.get("x-request-id"))
+        if call.stream:
+            return await _stream(request, engine, call, path, raw, headers, _include_usage(data))
+        return await _unary(engine, call, path, raw, headers)
+    except CortexError as exc:
+        call.status = exc.status
+        return openai_error_for(exc, cortex_headers(call) if call.node else None)
+    except NodeReplyError as exc:
+        call.status = exc.info.status
+        return openai_error(exc.info.status, exc.info.message, exc.info.kind, headers=cortex_headers(call))
+    finally:
+        engine.record(call.outcome())
+
+
+async def _unary(engine: Engine, call: Call, path: str, raw: bytes, headers: dict[str, str]) -> web.Response:
+    lease, resp = await send(engine, call, path, raw, headers)
+    failed: str | None = None
+    try:
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(engine.settings.gateway.stream_idle_timeout_s):
+                body = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            failed = f"{call.node}: reading the answer failed: {exc or type(exc).__name__}"
+            raise CortexError(failed) from None
+        finally:
+            call.upstream_s += time.monotonic() - t0
+    finally:
+        resp.release()
+        lease.release(failed=failed)
+    call.first_byte = time.monotonic()
+    call.status = resp.status
+    try:
+        parsed = orjson.loads(body)
+        usage = parsed.get("usage") if isinstance(parsed, dict) else None
+        call.usage = usage if isinstance(usage, dict) else None
+    except orjson.JSONDecodeError:
+        pass
+    return web.Response(
+        status=resp.status,
+        body=body,
+        content_type="application/json",
+        headers=cortex_headers(call, resp.headers.get("x-request-id")),
+    )
+
+
+def _openai_notice(model: str, node: str, elapsed: float) -> bytes:
+    return f": loading {model} on {node} ({int(elapsed)} s)\n\n".encode()
+
+
+def _error_event(message: str, kind: str = "server_error") -> bytes:
+    payload = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return b"data: " + orjson.dumps(payload) + b"\n\ndata: [DONE]\n\n"
+
+
+async def _stream(
+    request: web.Request,
+    engine: Engine,
+    call: Call,
+    path: str,
+    raw: bytes,
+    headers: dict[str, str],
+    include_usage: bool,
+) -> web.StreamResponse:
+    try:
+        lease, response = await acquire_streaming(engine, call, request, _openai_notice)
+    except WaitFailed as exc:
+        call.status = exc.error.status
+        await exc.response.write(_error_event(exc.error.message))
+        return exc.response
+    call.queue_s = lease.queue_s
+    try:
+        lease, resp = await send(engine, call, path, raw, headers, lease)
+    except (CortexError, NodeReplyError) as exc:
+        if response is None:
+            raise
+        info = exc.info if isinstance(exc, NodeReplyError) else None
+        call.status = info.status if info else exc.status  # type: ignore[union-attr]
+        await response.write(_error_event(info.message if info else str(exc)))
+        return response
+    return await _pipe(request, engine, call, lease, resp, response, include_usage)
+
+
+async def _pipe(
+    request: web.Request,
+    engine: Engine,
+    call: Call,
+    lease: Lease,
+    resp: aiohttp.ClientResponse,
+    response: web.StreamResponse | None,
+    include_usage: bool,
+) -> web.StreamResponse:
+    """Forward the node's stream chunk by chunk; find the usage in the tail at the end."""
+    if response is None:
+        response = web.StreamResponse(status=resp.status, headers=SSE_HEADERS)
+        response.headers.update(cortex_headers(call, resp.headers.get("x-request-id")))
+        await response.prepare(request)
+    call.status = resp.status
+    tail = UsageTail()
+    idle = engine.settings.gateway.stream_idle_timeout_s
+    content = resp.content
+    failed: str | None = None
+    try:
+        while True:
+            t0 = time.monotonic()
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await content.readany()
+            except TimeoutError:
+                failed = f"{call.node} sent nothing for {idle:g} s"
+                await response.write(_error_event(failed))
+                call.status = 504
+                break
+            except aiohttp.ClientError as exc:
+                failed = f"{call.node} broke the stream: {exc or type(exc).__name__}"
+                await response.write(_error_event(failed))
+                call.status = 502
+                break
+            now = time.monotonic()
+            call.upstream_s += now - t0
+            if not chunk:
+                break
+            if call.first_byte is None:
+                call.first_byte = now
+            tail.add(chunk)
+            if include_usage and b"[DONE]" in chunk:
+                await _write_with_usage(response, chunk, tail)
+            else:
+                await response.write(chunk)
+    except (ConnectionResetError, asyncio.CancelledError):
+        call.status = 499
+        resp.close()
+        raise
+    finally:
+        resp.release()
+        lease.release(failed=failed)
+        call.usage = tail.usage()
+    return response
+
+
+async def _write_with_usage(response: web.StreamResponse, chunk: bytes, tail: UsageTail) -> None:
+    """Insert OpenAI's usage-only chunk (``choices: []``) before ``[DONE]``, as ``include_usage`` asks."""
+    idx = chunk.find(b"data:[DONE]")
+    if idx < 0:
+        idx = chunk.find(b"data: [DONE]")
+    usage = tail.usage()
+    if idx < 0 or usage is None:
+        await response.write(chunk)
+        return
+    extra = {"object": "chat.completion.chunk", "choices": [], "usage": usage}
+    await response.write(chunk[:idx] + b"data: " + orjson.dumps(extra) + b"\n\n" + chunk[idx:])

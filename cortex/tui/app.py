@@ -1,0 +1,290 @@
+"""CortexApp: the operator's console, running in the gateway's own event loop.
+
+The app is the only part of the console that talks to the engine, and only through
+:class:`~cortex.engine.EngineFacade`: it reads ``snapshot()`` on a timer at ``tui.refresh_hz`` and hands it
+to the screens, consumes ``subscribe()`` in one declared worker that only posts messages, and sends
+``submit()`` commands in workers whose outcome (success, refusal or exception) is handled in one place,
+:meth:`CortexApp._worker_changed`, and always shown as a notification. Screens own their widgets and view
+state; the app owns keys, commands, confirmation flows and themes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual import on, work
+from textual.app import App
+from textual.binding import Binding, BindingType
+from textual.notifications import SeverityLevel
+from textual.screen import ModalScreen, Screen
+from textual.worker import Worker, WorkerState
+
+from cortex.config import Settings
+from cortex.engine import Command, CommandResult, EngineFacade, NodeStatus, commands
+from cortex.tui.describe import command_label, event_notice
+from cortex.tui.messages import CommandFinished, CommandSubmitted, EngineEventReceived
+from cortex.tui.render import Selection
+from cortex.tui.screens import FleetView
+from cortex.tui.screens.confirm import ConfirmScreen
+from cortex.tui.screens.dashboard import DashboardScreen
+from cortex.tui.screens.help import HelpScreen
+from cortex.tui.themes import FALLBACK_THEME, find_theme_dir, load_themes
+
+__all__ = ["CortexApp"]
+
+FLEET_ACTIONS = frozenset({"pin", "unload", "load", "drain", "restart"})
+"""Actions that change the fleet: refused in read-only mode."""
+DASHBOARD_ACTIONS = frozenset({"filter", "sort"})
+"""Actions that act on the dashboard's own view."""
+BLOCKED_BY_DIALOGS = FLEET_ACTIONS | DASHBOARD_ACTIONS | {"quit", "help"}
+"""Actions that do nothing while a dialog is open (no dialog stacks on a dialog)."""
+
+
+class CortexApp(App[int]):
+    """The live fleet console. ``await CortexApp(...).run_async()`` returns the exit code (0)."""
+
+    CSS_PATH = "cortex.tcss"
+    TITLE = "cortex"
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("q", "quit", "quit", tooltip="quit cortex (asks first while requests are in flight)"),
+        Binding("question_mark", "help", "help", key_display="?", tooltip="this key map"),
+        Binding("slash", "filter", "filter", key_display="/", tooltip="filter nodes, models and requests"),
+        Binding("s", "sort", "sort", tooltip="next sort order of the focused table"),
+        Binding("t", "next_theme", "theme", tooltip="next theme (the files in themes/)"),
+        Binding("p", "pin", "pin", tooltip="pin or unpin the selected model"),
+        Binding("u", "unload", "unload", tooltip="unload the selected model (asks; a pinned one asks twice)"),
+        Binding("r", "load", "load", tooltip="load (or reload) the selected model"),
+        Binding("d", "drain", "drain", tooltip="drain or undrain the selected node"),
+        Binding("R", "restart", "restart", key_display="R", tooltip="restart the selected node (asks)"),
+    ]
+
+    def __init__(
+        self,
+        engine: EngineFacade,
+        settings: Settings,
+        *,
+        gateway_url: str,
+        read_only: bool = False,
+        theme_dir: Path | None = None,
+        clock: Callable[[], float] = time.time,
+        tz: dt.tzinfo | None = None,
+    ) -> None:
+        """Build the console.
+
+        Args:
+            engine: the engine facade (snapshot, subscribe, submit).
+            settings: the settings; the console reads ``tui``.
+            gateway_url: the address shown in the header (where clients reach the gateway).
+            read_only: refuse every key that would change the fleet.
+            theme_dir: where theme files live (else ``tui.theme_dir``, else the shipped ``themes/``).
+            clock: wall-clock time source for uptime and ages (tests fix it).
+            tz: zone of the request log's times (None = local).
+        """
+        super().__init__()
+        self.engine = engine
+        self.settings = settings
+        self.gateway_url = gateway_url
+        self.read_only = read_only
+        self.clock = clock
+        self.dashboard = DashboardScreen(address=gateway_url, read_only=read_only, tz=tz)
+        self._commands: dict[Worker[Any], Command] = {}
+        self._theme_problems: list[str] = []
+        self.theme_cycle = self._load_themes(theme_dir)
+
+    # -- themes -------------------------------------------------------------------------------------
+
+    def _load_themes(self, theme_dir: Path | None) -> list[str]:
+        directory, explicit = find_theme_dir(theme_dir, self.settings.tui.theme_dir)
+        found = load_themes(directory, explicit=explicit)
+        self._theme_problems = found.problems
+        self.register_theme(FALLBACK_THEME)
+        for theme in found.themes:
+            self.register_theme(theme)
+        cycle = [theme.name for theme in found.themes]
+        wanted = self.settings.tui.theme
+        if wanted in self.available_themes:
+            self.theme = wanted
+        else:
+            self._theme_problems.append(f"theme {wanted!r} not found; using the built-in theme")
+            self.theme = FALLBACK_THEME.name
+        if self.theme not in cycle:
+            cycle.insert(0, self.theme)
+        return cycle
+
+    def action_next_theme(self) -> None:
+        """Switch to the next loaded theme."""
+        index = self.theme_cycle.index(self.theme) if self.theme in self.theme_cycle else -1
+        self.theme = self.theme_cycle[(index + 1) % len(self.theme_cycle)]
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def get_default_screen(self) -> Screen[Any]:
+        return self.dashboard
+
+    def on_mount(self) -> None:
+        if self._theme_problems:
+            self.notify("\n".join(self._theme_problems), title="themes", severity="error", markup=False)
+        self.refresh_views()
+        self.set_interval(1 / self.settings.tui.refresh_hz, self.refresh_views)
+        self._watch_engine()
+
+    def refresh_views(self) -> None:
+        """Hand the current snapshot to every screen that shows the fleet."""
+        snap, now = self.engine.snapshot(), self.clock()
+        for screen in self.screen_stack:
+            if isinstance(screen, FleetView):
+                screen.show(snap, now)
+
+    @work(exclusive=True, group="engine-events", exit_on_error=False, description="Watching engine events")
+    async def _watch_engine(self) -> None:
+        stream = self.engine.subscribe()
+        try:
+            async for event in stream:
+                self.post_message(EngineEventReceived(event))
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    @on(EngineEventReceived)
+    def _engine_event(self, message: EngineEventReceived) -> None:
+        notice = event_notice(message.event)
+        if notice is not None:
+            self.notify(notice.message, severity=notice.severity, markup=False)
+        if not message.event.coalesce:
+            self.refresh_views()
+
+    # -- keys ---------------------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return not (isinstance(self.screen, ModalScreen) and action in BLOCKED_BY_DIALOGS)
+
+    def _selected(self, kind: str, verb: str) -> Selection | None:
+        """The selection if it is a `kind`; otherwise say why nothing happens."""
+        if self.read_only:
+            self.notify(f"read-only console: {verb} is disabled", severity="warning")
+            return None
+        selection = self.dashboard.selection
+        if selection is None or selection.kind != kind:
+            other = "models" if kind == "model" else "nodes"
+            self.notify(f"{verb}: select a {kind} first (Tab to the {other} table)", severity="warning")
+            return None
+        return selection
+
+    async def action_quit(self) -> None:
+        in_flight = self.engine.snapshot().totals.in_flight
+        if in_flight <= 0:
+            self.exit(0)
+            return
+        question = (
+            f"{in_flight} request(s) in flight. Quit cortex? The gateway stops after they finish "
+            f"(at most {self.settings.gateway.drain_s:g} s)."
+        )
+        self._confirm(question, lambda: self.exit(0), yes="Quit")
+
+    def action_help(self) -> None:
+        bindings = [b for b in self.BINDINGS if isinstance(b, Binding)]
+        _ = self.push_screen(HelpScreen(bindings, read_only=self.read_only))
+
+    def action_filter(self) -> None:
+        if self.screen is self.dashboard:
+            self.dashboard.open_filter()
+
+    def action_sort(self) -> None:
+        if self.screen is self.dashboard:
+            self.dashboard.cycle_sort()
+
+    def action_pin(self) -> None:
+        sel = self._selected("model", "pin")
+        if sel is not None:
+            model = self.engine.snapshot().model(sel.key)
+            pinned = model is not None and model.pinned
+            self.submit(commands.UnpinModel(sel.key) if pinned else commands.PinModel(sel.key))
+
+    def action_load(self) -> None:
+        sel = self._selected("model", "load")
+        if sel is not None:
+            self.submit(commands.LoadModel(sel.key))
+
+    def action_unload(self) -> None:
+        sel = self._selected("model", "unload")
+        if sel is None:
+            return
+        model = self.engine.snapshot().model(sel.key)
+        where = ", ".join(model.nodes) if model is not None and model.nodes else "every node"
+        if model is None or not model.pinned:
+            self._confirm(
+                f"Unload {sel.key} from {where}?", lambda: self.submit(commands.UnloadModel(sel.key))
+            )
+            return
+
+        def ask_again() -> None:
+            self._confirm(
+                f"{sel.key} is PINNED. Unload it anyway (force)? It stays unpinned until pinned again.",
+                lambda: self.submit(commands.UnloadModel(sel.key, force=True)),
+                yes="Force unload",
+            )
+
+        self._confirm(f"Unload {sel.key} from {where}?", ask_again)
+
+    def action_drain(self) -> None:
+        sel = self._selected("node", "drain")
+        if sel is not None:
+            node = self.engine.snapshot().node(sel.key)
+            draining = node is not None and node.status is NodeStatus.DRAINING
+            self.submit(commands.UndrainNode(sel.key) if draining else commands.DrainNode(sel.key))
+
+    def action_restart(self) -> None:
+        sel = self._selected("node", "restart")
+        if sel is not None:
+            question = (
+                f"Restart mistralrs on {sel.key}? It is drained first (in-flight requests finish), "
+                "then restarted through its agent, and its pinned models are loaded again."
+            )
+            self._confirm(question, lambda: self.submit(commands.RestartNode(sel.key)), yes="Restart")
+
+    def _confirm(self, question: str, then: Callable[[], object], *, yes: str = "Yes") -> None:
+        def answered(answer: bool | None) -> None:
+            if answer:
+                then()
+
+        _ = self.push_screen(ConfirmScreen(question, yes=yes), answered)
+
+    # -- commands -----------------------------------------------------------------------------------
+
+    def submit(self, command: Command) -> None:
+        """Send a command to the engine in a worker; its outcome becomes a notification."""
+        worker = self.run_worker(
+            self.engine.submit(command),
+            group="commands",
+            exit_on_error=False,
+            description=command_label(command),
+        )
+        self._commands[worker] = command
+        self.post_message(CommandSubmitted(command))
+
+    @on(Worker.StateChanged)
+    def _worker_changed(self, event: Worker.StateChanged) -> None:
+        worker = event.worker
+        if worker.group == "engine-events" and event.state is WorkerState.ERROR:
+            self.notify(f"engine events stopped: {worker.error!r}", severity="error", markup=False)
+        if worker.group != "commands" or event.state not in (WorkerState.SUCCESS, WorkerState.ERROR):
+            return
+        command = self._commands.pop(worker, None)
+        if command is None:
+            return
+        if event.state is WorkerState.SUCCESS and isinstance(worker.result, CommandResult):
+            result = worker.result
+            text = result.message or ("done" if result.ok else "failed")
+            severity: SeverityLevel = "information" if result.ok else "error"
+            self.notify(text, title=command_label(command), severity=severity, markup=False)
+            self.post_message(CommandFinished(command, result))
+        else:
+            error = f"failed: {worker.error!r}"
+            self.notify(error, title=command_label(command), severity="error", markup=False)
+            self.post_message(CommandFinished(command, None, error))

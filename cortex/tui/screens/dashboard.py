@@ -1,0 +1,211 @@
+"""The fleet dashboard: header, nodes, models, sparklines, request log, filter and footer.
+
+The screen owns the widgets and the view state the operator changes (filter, sort orders, which table has
+the focus); the app owns the engine, the timer and the commands. :meth:`DashboardScreen.show` turns a
+snapshot into rows through :mod:`cortex.tui.render` and skips all work when neither the snapshot nor the
+displayed second nor the view state changed, so most ticks cost a comparison.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.events import DescendantFocus
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Input
+
+from cortex.engine import FleetSnapshot, RequestRecord
+from cortex.tui.render import (
+    MODEL_COLUMNS,
+    MODEL_SORTS,
+    NODE_COLUMNS,
+    NODE_SORTS,
+    REQUEST_COLUMNS,
+    Selection,
+    header_line,
+    model_rows,
+    node_rows,
+    request_rows,
+    selection_stats,
+    spark_captions,
+)
+from cortex.tui.screens.detail import DetailScreen
+from cortex.tui.widgets.fleet_table import FleetTable
+from cortex.tui.widgets.header import FleetHeader
+from cortex.tui.widgets.spark import SparkPanel
+
+__all__ = ["DashboardScreen"]
+
+
+class DashboardScreen(Screen[None]):
+    """The console's main screen."""
+
+    BINDINGS = [Binding("escape", "clear_filter", "clear filter", show=False)]
+
+    def __init__(self, *, address: str, read_only: bool, tz: dt.tzinfo | None = None) -> None:
+        super().__init__()
+        self.address = address
+        self.read_only = read_only
+        self.tz = tz
+        self.needle = ""
+        """The filter: a case-insensitive substring of node names and model ids."""
+        self.sorts = {"nodes": "name", "models": "id"}
+        """The sort order of each table, cycled by `s`."""
+        self.table_id = "nodes"
+        """The table that last had the focus: its row is the selection."""
+        self._snap: FleetSnapshot | None = None
+        self._now = 0.0
+        self._drawn_snap: FleetSnapshot | None = None
+        self._drawn_view: tuple[object, ...] = ()
+        self._requests: tuple[tuple[RequestRecord, ...], str] | None = None
+
+    def compose(self) -> ComposeResult:
+        yield FleetHeader(id="header")
+        yield FleetTable(NODE_COLUMNS, id="nodes")
+        yield FleetTable(MODEL_COLUMNS, id="models")
+        with Horizontal(id="sparks"):
+            yield SparkPanel(id="spark-tok")
+            yield SparkPanel(id="spark-ttft")
+        yield FleetTable(REQUEST_COLUMNS, cursor=False, id="requests")
+        yield Input(
+            placeholder="filter nodes, models and requests (Enter keeps it, Esc clears it)", id="filter"
+        )
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#requests", FleetTable).border_title = "requests · newest first"
+        self._titles()
+        self._redraw()
+
+    @property
+    def selection(self) -> Selection | None:
+        """The node or model under the cursor of the table that has (or last had) the focus."""
+        if not self.is_mounted:
+            return None
+        key = self.query_one(f"#{self.table_id}", FleetTable).selected_key
+        if key is None:
+            return None
+        return Selection("node" if self.table_id == "nodes" else "model", key)
+
+    def show(self, snap: FleetSnapshot, now: float) -> None:
+        """Redraw from a snapshot; cheap when nothing visible changed."""
+        self._snap, self._now = snap, now
+        if self.is_mounted:
+            self._redraw()
+
+    def _redraw(self) -> None:
+        snap, now = self._snap, self._now
+        if snap is None:
+            return
+        view = (int(now), self.needle, self.sorts["nodes"], self.sorts["models"])
+        if snap is not self._drawn_snap or view != self._drawn_view:
+            self._drawn_snap, self._drawn_view = snap, view
+            self.query_one(FleetHeader).show(
+                header_line(snap, now, address=self.address, read_only=self.read_only)
+            )
+            self.query_one("#nodes", FleetTable).sync(
+                node_rows(snap, now, needle=self.needle, sort=self.sorts["nodes"])
+            )
+            self.query_one("#models", FleetTable).sync(
+                model_rows(snap, now, needle=self.needle, sort=self.sorts["models"])
+            )
+        if (
+            self._requests is None
+            or self._requests[0] is not snap.requests
+            or self._requests[1] != self.needle
+        ):
+            self._requests = (snap.requests, self.needle)
+            self.query_one("#requests", FleetTable).sync(
+                request_rows(snap.requests, self.tz, needle=self.needle)
+            )
+        self._show_sparks()
+
+    def _show_sparks(self) -> None:
+        if self._snap is None:
+            return
+        selected = selection_stats(self._snap, self.selection)
+        (tok_caption, ttft_caption) = spark_captions(selected)
+        stats = None if selected is None else selected[1]
+        self.query_one("#spark-tok", SparkPanel).show(
+            tok_caption, () if stats is None else stats.tok_s_series
+        )
+        self.query_one("#spark-ttft", SparkPanel).show(
+            ttft_caption, () if stats is None else stats.ttft_series
+        )
+
+    def _titles(self) -> None:
+        suffix = f" · filter: {self.needle}" if self.needle else ""
+        for table_id in ("nodes", "models"):
+            self.query_one(
+                f"#{table_id}", FleetTable
+            ).border_title = f"{table_id} · by {self.sorts[table_id]}{suffix}"
+
+    def cycle_sort(self) -> str:
+        """Switch the focused table to its next sort order; returns what it is now sorted by."""
+        keys = list(NODE_SORTS if self.table_id == "nodes" else MODEL_SORTS)
+        current = self.sorts[self.table_id]
+        self.sorts[self.table_id] = (
+            keys[(keys.index(current) + 1) % len(keys)] if current in keys else keys[0]
+        )
+        self._titles()
+        self._redraw()
+        return f"{self.table_id} sorted by {self.sorts[self.table_id]}"
+
+    def open_filter(self) -> None:
+        """Show the filter input with the current filter and give it the focus."""
+        field = self.query_one("#filter", Input)
+        field.value = self.needle
+        field.display = True
+        field.focus()
+
+    def _close_filter(self) -> None:
+        field = self.query_one("#filter", Input)
+        field.display = False
+        self.query_one(f"#{self.table_id}", FleetTable).focus()
+
+    def action_clear_filter(self) -> None:
+        self.query_one("#filter", Input).value = ""
+        self._set_needle("")
+        self._close_filter()
+
+    def _set_needle(self, needle: str) -> None:
+        if needle != self.needle:
+            self.needle = needle
+            self._titles()
+            self._redraw()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self._set_needle(event.value.strip())
+
+    @on(Input.Submitted, "#filter")
+    def _filter_submitted(self) -> None:
+        self._close_filter()
+
+    def on_descendant_focus(self, event: DescendantFocus) -> None:
+        if event.widget.id in ("nodes", "models"):
+            self.table_id = event.widget.id
+            self._show_sparks()
+
+    @on(DataTable.RowHighlighted)
+    def _row_highlighted(self) -> None:
+        self._show_sparks()
+
+    @on(DataTable.RowSelected)
+    def _row_selected(self, event: DataTable.RowSelected) -> None:
+        if event.data_table.id in ("nodes", "models"):
+            self.open_detail()
+
+    def open_detail(self) -> None:
+        """Push the detail screen of the selection, if there is one."""
+        selection = self.selection
+        if selection is None:
+            return
+        detail = DetailScreen(selection, tz=self.tz)
+        if self._snap is not None:
+            detail.show(self._snap, self._now)
+        _ = self.app.push_screen(detail)

@@ -1,0 +1,1 @@
+"""The dashboard's widgets: layout in their ``DEFAULT_CSS``, colours in ``cortex.tcss``."""

@@ -1,0 +1,537 @@
+"""OpenAI chunks → Anthropic stream events: translation.md §8 cases 17-31, checked strictly.
+
+Every emitted event is validated with the SDK's own types (extra fields rejected too) and the
+§1.4 grammar; every final message is rebuilt with the SDK's accumulator
+(``anthropic.lib.streaming._messages.accumulate_event``) and, for the end-to-end cases, read by
+the real SDK stream helper through an in-process ``httpx.MockTransport``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import anthropic
+import httpx2 as httpx
+import pydantic
+import pytest
+from anthropic.lib.streaming._messages import accumulate_event
+from anthropic.types import RawMessageStreamEvent
+
+from cortex.proxy.anthropic import (
+    DONE,
+    Event,
+    SSEDecoder,
+    StreamTranslator,
+    encode_event,
+    encode_sse,
+    parse_data,
+)
+
+EVENT: pydantic.TypeAdapter[RawMessageStreamEvent] = pydantic.TypeAdapter(RawMessageStreamEvent)
+
+# --- strict validation helpers (also used by the property tests) -----------------------------------
+
+
+def assert_no_extras(value: Any) -> None:
+    if isinstance(value, pydantic.BaseModel):
+        assert not value.model_extra, f"{type(value).__name__} has unknown fields {value.model_extra}"
+        for name in type(value).model_fields:
+            assert_no_extras(getattr(value, name))
+    elif isinstance(value, list):
+        for item in value:
+            assert_no_extras(item)
+
+
+def validate_event(event: Event) -> RawMessageStreamEvent | None:
+    """Validate one event strictly; ``None`` for ping and error, which the union does not cover."""
+    if event["type"] == "ping":
+        assert event == {"type": "ping"}
+        return None
+    if event["type"] == "error":
+        anthropic.types.ErrorResponse.model_validate(event, strict=True)
+        return None
+    parsed = EVENT.validate_python(event, strict=True)
+    assert_no_extras(parsed)
+    return parsed
+
+
+def check_grammar(events: Sequence[Event]) -> None:
+    """The §1.4 ordering rules, for the strictest client."""
+    assert events, "no events"
+    errored = events[-1]["type"] == "error"
+    assert all(e["type"] != "error" for e in events[:-1]), "events after an error"
+    if not errored:
+        assert events[0]["type"] == "message_start"
+        assert [e["type"] for e in events[-2:]] == ["message_delta", "message_stop"]
+    open_index: int | None = None
+    next_index = 0
+    tool_json: dict[int, str] = {}
+    for pos, event in enumerate(events):
+        validate_event(event)
+        kind = event["type"]
+        if kind == "message_start":
+            assert pos == 0
+            usage = event["message"]["usage"]
+            assert usage["input_tokens"] > 0, "message_start usage is all zeros"
+        elif kind == "content_block_start":
+            assert open_index is None, "two blocks open at once"
+            assert event["index"] == next_index, "block indexes not contiguous"
+            open_index = next_index
+            next_index += 1
+            block = event["content_block"]
+            if block["type"] == "tool_use":
+                assert block["input"] == {}
+                tool_json[open_index] = ""
+            elif block["type"] == "thinking":
+                assert block == {"type": "thinking", "thinking": "", "signature": ""}
+        elif kind == "content_block_delta":
+            assert event["index"] == open_index, "delta for a block that is not open"
+            if event["delta"]["type"] == "input_json_delta":
+                tool_json[event["index"]] += event["delta"]["partial_json"]
+            elif event["delta"]["type"] == "text_delta":
+                assert event["delta"]["text"]
+        elif kind == "content_block_stop":
+            assert event["index"] == open_index
+            open_index = None
+        elif kind == "message_delta":
+            assert open_index is None
+            assert event["delta"]["stop_reason"] is not None
+            assert isinstance(event["usage"]["output_tokens"], int)
+            assert isinstance(event["usage"]["input_tokens"], int)
+            assert events[pos + 1]["type"] == "message_stop"
+    for text in tool_json.values():
+        assert isinstance(json.loads(text), dict), "partial_json does not join to one object"
+
+
+def sdk_message(events: Sequence[Event]) -> anthropic.types.Message:
+    """Rebuild the final message with the SDK's own accumulator."""
+    snapshot: Any = None
+    buffers: dict[int, bytes] = {}
+    for event in events:
+        parsed = validate_event(event)
+        if parsed is not None:
+            snapshot = accumulate_event(event=parsed, current_snapshot=snapshot, json_bufs=buffers)
+    assert snapshot is not None
+    message = anthropic.types.Message.model_validate(snapshot.model_dump(exclude={"parsed_output"}))
+    assert_no_extras(message)
+    return message
+
+
+def blocks(message: anthropic.types.Message) -> list[dict[str, Any]]:
+    return [b.model_dump(exclude_none=True) for b in message.content]
+
+
+# --- upstream chunk builders ----------------------------------------------------------------------
+
+
+def chunk(
+    delta: Mapping[str, Any] | None = None, finish: str | None = None, usage: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A mistral.rs-style chunk: role in every delta, usage null until the finish chunk."""
+    return {
+        "id": "7",
+        "object": "chat.completion.chunk",
+        "created": 1760000000,
+        "model": "org/model",
+        "system_fingerprint": "local",
+        "choices": [{"index": 0, "delta": {"role": "assistant", **(delta or {})}, "finish_reason": finish, "logprobs": None}],
+        "usage": usage,
+    }
+
+
+def text(s: str) -> dict[str, Any]:
+    return chunk({"content": s})
+
+
+def tool(index: int, *, call_id: str | None = None, name: str | None = None, args: str | None = None) -> dict[str, Any]:
+    fragment: dict[str, Any] = {"index": index, "function": {}}
+    if call_id is not None:
+        fragment.update(id=call_id, type="function")
+    if name is not None:
+        fragment["function"]["name"] = name
+    if args is not None:
+        fragment["function"]["arguments"] = args
+    return fragment
+
+
+USAGE = {"prompt_tokens": 120, "completion_tokens": 9, "total_tokens": 129, "avg_tok_per_sec": 3.0}
+Item = Mapping[str, Any] | str  # a chunk, or "DONE" / "EOF" / "PING"
+
+
+def run(items: Sequence[Item], **kwargs: Any) -> tuple[list[Event], StreamTranslator]:
+    translator = StreamTranslator(model="claude-test", input_tokens_estimate=42, **kwargs)
+    events: list[Event] = []
+    for item in items:
+        if item == "DONE":
+            events += translator.finish(saw_done=True)
+        elif item == "EOF":
+            events += translator.finish()
+        elif item == "PING":
+            events += translator.ping()
+        else:
+            assert not isinstance(item, str)
+            events += translator.feed(item)
+    check_grammar(events)
+    return events, translator
+
+
+def shape(events: Sequence[Event]) -> list[str]:
+    """A compact picture of the stream: ``cbs(0,text)``, ``td``, ``cbstop(0)``..."""
+    out = []
+    for e in events:
+        kind = e["type"]
+        if kind == "content_block_start":
+            out.append(f"cbs({e['index']},{e['content_block']['type']})")
+        elif kind == "content_block_delta":
+            out.append({"text_delta": "td", "input_json_delta": "ij", "thinking_delta": "th"}[e["delta"]["type"]])
+        elif kind == "content_block_stop":
+            out.append(f"cbstop({e['index']})")
+        elif kind == "message_delta":
+            out.append(f"message_delta({e['delta']['stop_reason']})")
+        else:
+            out.append(kind)
+    return out
+
+
+# --- §8 cases 17-31 -------------------------------------------------------------------------------
+
+ARGS = '{"file_path": "/x", "limit": 3}'
+
+
+def c17(events: list[Event], m: anthropic.types.Message) -> None:
+    assert shape(events) == [
+        "message_start", "ping", "cbs(0,text)", "td", "td", "cbstop(0)", "message_delta(end_turn)", "message_stop",
+    ]  # fmt: skip
+    assert blocks(m) == [{"type": "text", "text": "Hello"}]
+    assert (m.usage.input_tokens, m.usage.output_tokens) == (120, 9)
+
+
+def c18(events: list[Event], m: anthropic.types.Message) -> None:
+    assert shape(events)[2:9] == ["cbs(0,text)", "td", "cbstop(0)", "cbs(1,tool_use)", "ij", "cbstop(1)", "message_delta(tool_use)"]
+    partial = "".join(e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta" and e["index"] == 1)
+    assert json.loads(partial) == json.loads(ARGS)
+    assert blocks(m)[1] == {"type": "tool_use", "id": "call_1", "name": "Read", "input": json.loads(ARGS)}
+
+
+def c19(events: list[Event], m: anthropic.types.Message) -> None:
+    assert blocks(m) == [
+        {"type": "text", "text": "Reading."},
+        {"type": "tool_use", "id": "A1b2C3d4E", "name": "Read", "input": {"file_path": "/x", "limit": 3}},
+    ]
+    delta = next(e for e in events if e["type"] == "message_delta")
+    assert delta["usage"] == {"input_tokens": 120, "output_tokens": 9}
+    assert m.stop_reason == "tool_use"
+
+
+def c20(events: list[Event], m: anthropic.types.Message) -> None:
+    assert shape(events)[2:] == [
+        "cbs(0,tool_use)", "ij", "cbstop(0)", "cbs(1,tool_use)", "ij", "cbstop(1)", "message_delta(tool_use)", "message_stop",
+    ]  # fmt: skip
+    assert [b["input"] for b in blocks(m)] == [{"a": 1}, {"b": [2, 3]}]
+    assert [b["name"] for b in blocks(m)] == ["First", "Second"]
+
+
+def c21(events: list[Event], m: anthropic.types.Message) -> None:
+    assert [(b["id"], b["input"]) for b in blocks(m)] == [("id_one", {"n": 1}), ("id_two", {"n": 2})]
+
+
+def c22(events: list[Event], m: anthropic.types.Message) -> None:
+    assert shape(events)[2] == "cbs(0,tool_use)"
+    assert [b["type"] for b in blocks(m)] == ["tool_use"]
+
+
+def c24_on(events: list[Event], m: anthropic.types.Message) -> None:
+    assert shape(events)[2:8] == ["cbs(0,thinking)", "th", "th", "cbstop(0)", "cbs(1,text)", "td"]
+    assert blocks(m) == [{"type": "thinking", "thinking": "Let me think", "signature": ""}, {"type": "text", "text": "Answer"}]
+
+
+def c24_off(events: list[Event], m: anthropic.types.Message) -> None:
+    assert blocks(m) == [{"type": "text", "text": "Answer"}]
+
+
+def c28(events: list[Event], m: anthropic.types.Message) -> None:
+    delta = next(e for e in events if e["type"] == "message_delta")
+    assert delta["usage"]["input_tokens"] == 42  # the estimate, as in message_start
+    assert delta["usage"]["output_tokens"] >= 1
+    assert m.usage.input_tokens == 42
+
+
+def c29(events: list[Event], m: anthropic.types.Message) -> None:
+    c17(events, m)
+
+
+def c31(events: list[Event], m: anthropic.types.Message) -> None:
+    assert shape(events).count("ping") >= 3
+    assert blocks(m) == [{"type": "text", "text": "late"}]
+
+
+REASONING = [chunk({"reasoning_content": "Let me "}), chunk({"reasoning_content": "think"}), text("Answer"), chunk(finish="stop", usage=USAGE), "DONE"]
+
+STREAM_CASES: list[tuple[str, list[Item], dict[str, Any], Callable[[list[Event], anthropic.types.Message], None]]] = [
+    ("c17-text", [chunk(), text(""), text("Hel"), text("lo"), chunk(finish="stop", usage=USAGE), "DONE"], {}, c17),
+    (
+        "c17-text-openai-usage-chunk",
+        [chunk(), text("Hel"), text("lo"), chunk(finish="stop"), {"choices": [], "usage": USAGE}, "DONE"],
+        {},
+        c17,
+    ),
+    (
+        "c18-fragmented-tool",
+        [
+            text("Let me read."),
+            chunk({"tool_calls": [tool(0, call_id="call_1", name="Read", args="")]}),
+            chunk({"tool_calls": [tool(0, args=ARGS[:7])]}),
+            chunk({"tool_calls": [tool(0, args=ARGS[7:20])]}),
+            chunk({"tool_calls": [tool(0, args=ARGS[20:])]}),
+            chunk(finish="tool_calls"),
+            {"choices": [], "usage": USAGE},
+            "DONE",
+        ],
+        {},
+        c18,
+    ),
+    (
+        "c19-mistralrs-whole-call-in-final-chunk",
+        [
+            text("Reading."),
+            chunk({"tool_calls": [tool(0, call_id="A1b2C3d4E", name="Read", args=ARGS)]}, finish="tool_calls", usage=USAGE),
+            "DONE",
+        ],
+        {},
+        c19,
+    ),
+    (
+        "c20-parallel-interleaved",
+        [
+            chunk({"tool_calls": [tool(0, call_id="c0", name="First", args='{"a"')]}),
+            chunk({"tool_calls": [tool(1, call_id="c1", name="Second", args='{"b":[2,')]}),
+            chunk({"tool_calls": [tool(0, args=":1}")]}),
+            chunk({"tool_calls": [tool(1, args="3]}")]}),
+            chunk(finish="tool_calls", usage=USAGE),
+            "DONE",
+        ],
+        {},
+        c20,
+    ),
+    (
+        "c21-reused-index",
+        [
+            chunk({"tool_calls": [tool(0, call_id="id_one", name="T", args='{"n":1}')]}),
+            chunk({"tool_calls": [tool(0, call_id="id_two", name="T", args='{"n":2}')]}),
+            chunk(finish="tool_calls", usage=USAGE),
+            "DONE",
+        ],
+        {},
+        c21,
+    ),
+    (
+        "c22-starts-with-tool",
+        [chunk({"tool_calls": [tool(0, call_id="x", name="T", args="{}")]}), chunk(finish="tool_calls", usage=USAGE), "DONE"],
+        {},
+        c22,
+    ),
+    (
+        "c23-whitespace-before-tool",
+        [text("\n\n"), chunk({"tool_calls": [tool(0, call_id="x", name="T", args="{}")]}), chunk(finish="tool_calls", usage=USAGE), "DONE"],
+        {},
+        c22,
+    ),
+    ("c24-reasoning-thinking-on", REASONING, {"thinking": True}, c24_on),
+    ("c24-reasoning-thinking-off", REASONING, {"thinking": False}, c24_off),
+    ("c28-no-usage-anywhere", [text("x"), chunk(finish="stop"), "DONE"], {}, c28),
+    ("c31-pings-while-silent", ["PING", "PING", text("late"), "PING", chunk(finish="stop", usage=USAGE), "DONE"], {}, c31),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("items", "kwargs", "check"), [c[1:] for c in STREAM_CASES], ids=[c[0] for c in STREAM_CASES])
+def test_conformance_stream(
+    items: list[Item], kwargs: dict[str, Any], check: Callable[[list[Event], anthropic.types.Message], None]
+) -> None:
+    events, translator = run(items, **kwargs)
+    assert translator.done
+    check(events, sdk_message(events))
+
+
+def test_c25_error_chunk_after_text() -> None:
+    error = {"error": {"message": "engine failed", "type": "server_error", "param": None, "code": None}}
+    events, translator = run([text("partial"), error, "DONE"])
+    assert events[-1] == {"type": "error", "error": {"type": "api_error", "message": "engine failed"}}
+    assert "message_stop" not in shape(events) and "message_delta" not in shape(events)
+    assert translator.done and translator.feed(text("more")) == [] and translator.ping() == []
+
+
+def test_c26_eof_without_finish_or_done() -> None:
+    events, _ = run([text("partial"), "EOF"])
+    assert shape(events)[-1] == "error"
+    assert events[-1]["error"] == {"type": "api_error", "message": "upstream stream ended unexpectedly"}
+    # With a clean [DONE] but no finish_reason the spec reads end_turn.
+    events, _ = run([text("partial"), "DONE"])
+    assert events[-2]["delta"]["stop_reason"] == "end_turn"
+
+
+def test_c29_upstream_noise_is_ignored() -> None:
+    raw = (
+        b": keep-alive\n\n"
+        + b"data:" + json.dumps(chunk()).encode() + b"\n\n"
+        + b"data: " + json.dumps(text("Hel")).encode() + b"\r\n\r\n"
+        + b":\n\nevent:agentic_tool_call_progress\ndata:{\"tool\":\"x\"}\n\n"
+        + b"data:" + json.dumps(text("lo")).encode() + b"\n\n"
+        + b"data:\n\n"
+        + b"data:" + json.dumps(chunk(finish="stop")).encode() + b"\n\n"
+        + b'data:{"choices":[],"usage":' + json.dumps(USAGE).encode() + b"}\n\ndata:[DONE]\n\n"
+    )  # fmt: skip
+    decoder = SSEDecoder()
+    items: list[Item] = []
+    for i in range(0, len(raw), 7):  # arbitrary network fragmentation
+        for name, data in decoder.feed(raw[i : i + 7]):
+            parsed = parse_data(name, data)
+            if parsed is not None:
+                items.append("DONE" if parsed == DONE else parsed)
+    assert decoder.close() == []
+    events, _ = run(items)
+    c17(events, sdk_message(events))
+
+
+def test_c30_stop_sequence_closes_the_stream() -> None:
+    translator = StreamTranslator(model="m", stop_sequences=["END"])
+    events = translator.feed(text("abcE")) + translator.feed(text("NDxyz"))
+    check_grammar(events)
+    assert translator.done and translator.stop_sequence == "END"  # the gateway closes the upstream now
+    assert translator.feed(text("more")) == [] and translator.finish(saw_done=True) == []
+    m = sdk_message(events)
+    assert blocks(m) == [{"type": "text", "text": "abc"}]
+    assert (m.stop_reason, m.stop_sequence) == ("stop_sequence", "END")
+
+
+def test_c30_stop_sequence_split_over_many_chunks_never_leaks() -> None:
+    events, translator = run([text(c) for c in "xx<<STOP>>yy"], stop_sequences=["<<STOP>>", "zz"])
+    assert translator.done
+    emitted = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
+    assert emitted == "xx"
+
+
+def test_cumulative_argument_resends_and_odd_arguments() -> None:
+    events, _ = run(
+        [
+            chunk({"tool_calls": [tool(0, call_id="a", name="T", args='{"k":')]}),
+            chunk({"tool_calls": [tool(0, args='{"k": "v"}')]}),  # an upstream resending the whole text
+            chunk({"tool_calls": [tool(1, call_id="b", name="U", args='"{\\"d\\":1}"')]}),  # double-encoded
+            chunk({"tool_calls": [{"index": 2, "id": "c", "function": {"name": "V", "arguments": {"obj": True}}}]}),
+            chunk({"tool_calls": [tool(3, name="W", args="not json")]}),  # no id: one is generated
+            chunk(finish="stop", usage=USAGE),
+        ]
+    )
+    m = sdk_message(events)
+    assert [b["input"] for b in blocks(m)] == [{"k": "v"}, {"d": 1}, {"obj": True}, {}]
+    assert blocks(m)[3]["id"].startswith("toolu_")
+    assert m.stop_reason == "tool_use"  # stop with tool blocks reads tool_use
+
+
+def test_nested_same_key_is_not_mistaken_for_a_resend() -> None:
+    events, _ = run(
+        [
+            chunk({"tool_calls": [tool(0, call_id="a", name="T", args='{"a":')]}),
+            chunk({"tool_calls": [tool(0, args='{"a":1}}')]}),
+            chunk(finish="tool_calls", usage=USAGE),
+        ]
+    )
+    assert blocks(sdk_message(events))[0]["input"] == {"a": {"a": 1}}
+
+
+def test_length_with_partial_call_and_aliases() -> None:
+    events, _ = run(
+        [chunk({"tool_calls": [tool(0, call_id="a", name="my_tool_1234abcd", args='{"a": [1, 2')]}, finish="length", usage=USAGE)],
+        tool_aliases={"my_tool_1234abcd": "my.tool"},
+    )
+    m = sdk_message(events)
+    assert m.stop_reason == "max_tokens"
+    assert blocks(m)[0]["name"] == "my.tool" and blocks(m)[0]["input"] == {}
+
+
+def test_content_filter_cached_usage_and_interleaved_text_around_reasoning() -> None:
+    usage = {"prompt_tokens": 100, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 70}}
+    events, _ = run(
+        [text("a"), chunk({"reasoning": "r1"}), text("  "), chunk({"reasoning": "r2"}), text("b"), chunk(finish="content_filter", usage=usage)]
+    )
+    m = sdk_message(events)
+    assert blocks(m) == [
+        {"type": "text", "text": "a"},
+        {"type": "thinking", "thinking": "r1r2", "signature": ""},
+        {"type": "text", "text": "b"},
+    ]
+    assert m.stop_reason == "refusal"
+    assert (m.usage.input_tokens, m.usage.cache_read_input_tokens) == (30, 70)
+
+
+def test_empty_stream_and_error_before_start() -> None:
+    events, _ = run([chunk(finish="stop", usage=USAGE)])
+    assert shape(events) == ["message_start", "ping", "message_delta(end_turn)", "message_stop"]
+    translator = StreamTranslator(model="m")
+    assert translator.feed({"error": {"message": "Prompt sequence length is greater than 10"}})[0]["type"] == "error"
+    assert not translator.started
+    assert StreamTranslator(model="m").error("gone", "overloaded_error") == [
+        {"type": "error", "error": {"type": "overloaded_error", "message": "gone"}}
+    ]
+
+
+def test_message_start_carries_estimate_and_choice_zero_only() -> None:
+    translator = StreamTranslator(model="claude-x", input_tokens_estimate=0, message_id="msg_1")
+    first = translator.ping()
+    assert first[0]["message"]["usage"] == {"input_tokens": 1, "output_tokens": 0}
+    assert first[0]["message"]["model"] == "claude-x" and first[0]["message"]["id"] == "msg_1"
+    other = {"choices": [{"index": 1, "delta": {"content": "ignored"}, "finish_reason": None}]}
+    assert translator.feed(other) == []
+
+
+# --- SSE encoding, and the real SDK reading our bytes ----------------------------------------------
+
+
+def test_encode_sse() -> None:
+    assert encode_sse("ping", {"type": "ping"}) == b'event: ping\ndata: {"type":"ping"}\n\n'
+    assert encode_event({"type": "content_block_delta", "delta": {"text": "é"}}) == (
+        'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"é"}}\n\n'.encode()
+    )
+
+
+def test_sse_decoder_line_ends_and_eof() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"event: a\r") == []
+    assert decoder.feed(b"\ndata: 1\rdata:2\r\n\r\nid: 5\nretry: 9\ndata: x") == [("a", "1\n2")]
+    assert decoder.close() == [(None, "x")]
+    assert parse_data("message", " [DONE] ") == DONE
+    assert parse_data(None, "[1]") is None and parse_data(None, "{bad") is None
+
+
+def sdk_stream(events: Sequence[Event]) -> tuple[anthropic.types.Message, list[str]]:
+    body = b"".join(encode_event(e) for e in events)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    client = anthropic.Anthropic(
+        api_key="k", base_url="http://cortex.test", http_client=httpx.Client(transport=httpx.MockTransport(handler))
+    )
+    params: dict[str, Any] = {"model": "claude-test", "max_tokens": 64, "messages": [{"role": "user", "content": "q"}]}
+    raw = [e.type for e in client.messages.create(stream=True, **params)]
+    with client.messages.stream(**params) as stream:
+        return stream.get_final_message(), raw
+
+
+@pytest.mark.parametrize("case", ["c17-text", "c18-fragmented-tool", "c19-mistralrs-whole-call-in-final-chunk", "c24-reasoning-thinking-on"])
+def test_sdk_helper_reads_the_stream(case: str) -> None:
+    items, kwargs, _ = next(c[1:] for c in STREAM_CASES if c[0] == case)
+    events, _ = run(items, **kwargs)
+    final, raw = sdk_stream(events)
+    assert blocks(final) == blocks(sdk_message(events))
+    assert final.stop_reason == sdk_message(events).stop_reason
+    assert raw == [e["type"] for e in events if e["type"] != "ping"]  # the SDK swallows pings
+    if case == "c17-text":
+        assert final.content[0].type == "text" and final.content[0].text == "Hello"
+
+
+def test_sdk_raises_on_error_event() -> None:
+    events, _ = run([text("partial"), {"error": {"message": "boom", "type": "server_error"}}])
+    with pytest.raises(anthropic.APIStatusError):
+        sdk_stream(events)
