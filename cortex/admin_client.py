@@ -1,5 +1,4 @@
-"""The CLI's side of the admin API: ``cortex status``, ``pin``, ``unpin``, ``load``, ``unload``,
-``drain``, ``undrain``, ``restart``.
+"""The CLI's side of the admin API (``status``, ``pin``, ``unpin``, ``load``, ``unload``, ``drain``...).
 
 It is a plain synchronous HTTP client (urllib): a CLI call is one request, and it must work without an
 event loop or the console's dependencies. The gateway's address comes from the config's
@@ -41,8 +40,9 @@ class GatewayUnreachable(Exception):
     """The gateway did not answer."""
 
 
-def _call(url: str, token: str, method: str = "GET", body: dict[str, Any] | None = None,
-          timeout: float = 600.0) -> tuple[int, dict[str, Any]]:
+def _call(
+    url: str, token: str, method: str = "GET", body: dict[str, Any] | None = None, timeout: float = 600.0
+) -> tuple[int, dict[str, Any]]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Content-Type", "application/json")

@@ -26,19 +26,18 @@ _ADMIN_NODE = ("drain", "undrain", "restart")
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH", help="config file (else $CORTEX_CONFIG, ./cortex.toml, "
-                        "~/.config/cortex/cortex.toml)")
-    common.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-
     parser = argparse.ArgumentParser(
-        prog="cortex", parents=[common],
+        prog="cortex",
         description="One OpenAI- and Anthropic-compatible endpoint and a live console for a mistral.rs fleet.",
     )
+    _global_flags(parser, suppress=False)
+    # Subcommands take the same global flags with SUPPRESS defaults, so `cortex --config X status` keeps X.
+    common = argparse.ArgumentParser(add_help=False)
+    _global_flags(common, suppress=True)
     parser.add_argument("--version", action="version", version=f"cortex {__version__}")
-    _serve_flags(parser)
+    _serve_flags(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _serve_flags(sub.add_parser("serve", parents=[common], help="run the gateway (default)"))
+    _serve_flags(sub.add_parser("serve", parents=[common], help="run the gateway (default)"), suppress=True)
     sub.add_parser("check-config", parents=[common], help="validate the config and print the resolved settings")
 
     status = sub.add_parser("status", parents=[common], help="print the fleet from a running gateway")
@@ -64,11 +63,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-tui", action="store_true", help="run headless (for services); logs go to stderr")
-    p.add_argument("--demo", action="store_true", help="run on three simulated nodes with synthetic traffic")
-    p.add_argument("--read-only", action="store_true", help="console without actions")
-    p.add_argument("--log-format", choices=("text", "json"), default="text", help="headless log format")
+def _global_flags(p: argparse.ArgumentParser, *, suppress: bool) -> None:
+    default: dict[str, object] = {"default": argparse.SUPPRESS} if suppress else {}
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (else $CORTEX_CONFIG, ./cortex.toml, ~/.config/cortex/cortex.toml)",
+        **default,  # type: ignore[arg-type]
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        help="more logging (-vv for debug)",
+        **(default or {"default": 0}),  # type: ignore[arg-type]
+    )
+
+
+def _serve_flags(p: argparse.ArgumentParser, *, suppress: bool) -> None:
+    flag: dict[str, object] = {"default": argparse.SUPPRESS} if suppress else {}
+    p.add_argument("--no-tui", action="store_true", help="run headless (for services); logs go to stderr", **flag)  # type: ignore[arg-type]
+    p.add_argument("--demo", action="store_true", help="run on three simulated nodes with synthetic traffic", **flag)  # type: ignore[arg-type]
+    p.add_argument("--read-only", action="store_true", help="console without actions", **flag)  # type: ignore[arg-type]
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="headless log format",
+        **(flag or {"default": "text"}),  # type: ignore[arg-type]
+    )
 
 
 def _gateway_flag(p: argparse.ArgumentParser) -> None:
@@ -77,7 +99,9 @@ def _gateway_flag(p: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace, *, demo: bool = False) -> Settings | int:
     try:
-        path = None if demo and not args.config and not os.environ.get("CORTEX_CONFIG") else find_config_file(args.config)
+        path = (
+            None if demo and not args.config and not os.environ.get("CORTEX_CONFIG") else find_config_file(args.config)
+        )
         return load_settings(path)
     except ConfigFileError as exc:
         print(f"cortex: {exc}", file=sys.stderr)
@@ -136,4 +160,3 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

@@ -83,7 +83,10 @@ class DemoFleet:
             for name, (vram, models, pinned) in DEMO_FLEET.items():
                 sim = SimNode(
                     [SimModel(mid, mb, loaded) for mid, mb, loaded in models],
-                    name=name, vram_mb=vram, load_s=3.0, tok_s=40.0,
+                    name=name,
+                    vram_mb=vram,
+                    load_s=3.0,
+                    tok_s=40.0,
                 )
                 await sim.start()
                 sims.append(sim)
@@ -91,8 +94,9 @@ class DemoFleet:
                 for mid, mb, _ in models:
                     facts.setdefault(
                         mid,
-                        ModelSettings(id=mid, vram_mb=mb, aliases=_ALIASES.get(mid, []),
-                                      priority=10 if mid == pinned else 0),
+                        ModelSettings(
+                            id=mid, vram_mb=mb, aliases=_ALIASES.get(mid, []), priority=10 if mid == pinned else 0
+                        ),
                     )
             eviction = settings.eviction.model_copy(update={"min_resident_s": 10.0, "defrag_after_cycles": 25})
             yield settings.model_copy(update={"nodes": nodes, "models": list(facts.values()), "eviction": eviction})

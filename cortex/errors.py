@@ -9,12 +9,12 @@ from __future__ import annotations
 __all__ = [
     "BadRequest",
     "CortexError",
-    "PayloadTooLarge",
-    "Unauthorized",
     "LoadFailed",
     "NoNodeAvailable",
+    "PayloadTooLarge",
     "QueueFull",
     "QueueTimeout",
+    "Unauthorized",
     "UnknownModel",
     "UpstreamError",
 ]

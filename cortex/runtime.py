@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +67,13 @@ async def wait_for_signal() -> signal.Signals:
     """Wait until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     got: asyncio.Future[signal.Signals] = loop.create_future()
+
+    def _got(sig: signal.Signals) -> None:
+        if not got.done():
+            got.set_result(sig)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: got.done() or got.set_result(s))
+        loop.add_signal_handler(sig, _got, sig)
     try:
         return await got
     finally:
@@ -107,9 +111,7 @@ async def run(
                 if traffic is not None:
                     traffic.cancel()
                     await asyncio.gather(traffic, return_exceptions=True)
-                started = time.monotonic()
                 log.info("stopping: %d requests in flight", engine.snapshot().totals.in_flight)
-                _ = started
 
 
 def _announce(servers: Servers, settings: Settings, demo: bool) -> None:

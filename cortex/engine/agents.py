@@ -247,7 +247,7 @@ class AgentHub:
         finally:
             pending.waiters -= 1
             if pending.waiters == 0 and not pending.future.done():
-                pass
+                entry.pending.pop(command_id, None)
                 pending.future.cancel()
         return _outcome(node, result)
 

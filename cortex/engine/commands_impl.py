@@ -109,7 +109,9 @@ async def _load_on_node(engine: Engine, model: str, node: NodeRec) -> Result:
     if error is not None:
         return Result(False, f"loading {model} on {node.name} failed: {error}")
     evicted = f" (evicted {', '.join(placement.victims)})" if placement.victims else ""
-    return Result(True, f"loaded {model} on {node.name}{evicted}", {"node": node.name, "evicted": list(placement.victims)})
+    return Result(
+        True, f"loaded {model} on {node.name}{evicted}", {"node": node.name, "evicted": list(placement.victims)}
+    )
 
 
 async def _load(engine: Engine, c: cmd.Command) -> Result:
@@ -136,7 +138,8 @@ async def _unload(engine: Engine, c: cmd.Command) -> Result:
     if c.node is not None and c.node not in fleet.nodes:
         return _unknown_node(c.node)
     targets = [
-        n for n in fleet.listed(model)
+        n
+        for n in fleet.listed(model)
         if (c.node is None or n.name == c.node) and n.slots[model].state is SlotState.LOADED
     ]
     if not targets:

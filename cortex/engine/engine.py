@@ -13,7 +13,7 @@ import contextlib
 import fnmatch
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -52,7 +52,7 @@ class Engine:
         self.bus = EventBus()
         self.metrics = CortexMetrics(clock=clock)
         self._state_path = state_path
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._fleet: Fleet | None = None
         self._lifecycle: Lifecycle | None = None
@@ -70,7 +70,9 @@ class Engine:
         )
         timeout = self.settings.poll.timeout_s
         clients = {n.name: MistralRsClient(self._session, n.endpoint, timeout_s=timeout) for n in self.settings.nodes}
-        self._fleet = Fleet(self.settings, clients, self.bus, StateStore(self._state_path), gateway=self.gateway, clock=self.clock)
+        self._fleet = Fleet(
+            self.settings, clients, self.bus, StateStore(self._state_path), gateway=self.gateway, clock=self.clock
+        )
         fleet = self._fleet
         fleet.agent_info = self.agents.info
         fleet.agent_vram = self.agents.vram
@@ -80,10 +82,11 @@ class Engine:
         fleet.recent = self.metrics.recent
         self.metrics.bind_fleet(fleet.snapshot)
         self._lifecycle = Lifecycle(self.settings, fleet, self.metrics, self.bus, self.spawn, self._restart)
+
         for node in fleet.nodes.values():
-            self.spawn(self._poll_loop(node))
-        self.spawn(self._mark_ready())
-        self.spawn(self._ttl_loop())
+            self.background(self._poll_loop(node))
+        self.background(self._mark_ready())
+        self.background(self._ttl_loop())
         return self
 
     async def __aexit__(
@@ -104,14 +107,18 @@ class Engine:
             await self._session.close()
             self._session = None
 
-    def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a coroutine as an engine task (cancelled by :meth:`stop`)."""
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Like :meth:`spawn`, for tasks nobody awaits."""
+        self._tasks.add(self.spawn(coro))
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("engine task failed", exc_info=task.exception())
@@ -152,7 +159,7 @@ class Engine:
             self.lifecycle.changed()
         if fleet.poll_ok(node, models, info):
             log.info("node %s is up (%d models listed)", node.name, len(models))
-            self.spawn(self.lifecycle.reconcile(node))
+            self.background(self.lifecycle.reconcile(node))
 
     async def _poll_loop(self, node: NodeRec) -> None:
         interval = self.settings.poll.interval_s

@@ -392,13 +392,11 @@ class Fleet:
             )
         models: list[ModelView] = []
         for model_id, listed_on in self.catalogue().items():
-            loaded = tuple(
-                n for n in listed_on if self.nodes[n].slots[model_id].state is SlotState.LOADED
-            )
+            loaded = tuple(n for n in listed_on if self.nodes[n].slots[model_id].state is SlotState.LOADED)
             loading = self.loading.get(model_id)
             state = "loaded" if loaded else ("loading" if loading else "unloaded")
             facts = self.facts.get(model_id)
-            slots = [self.nodes[n].slots[model_id] for n in listed_on]
+            model_slots = [self.nodes[n].slots[model_id] for n in listed_on]
             pinned_on = tuple(n for n in listed_on if self.is_pinned(n, model_id))
             models.append(
                 ModelView(
@@ -413,9 +411,9 @@ class Fleet:
                     vram_mb=self.footprint(model_id),
                     priority=facts.priority if facts else 0,
                     aliases=tuple(facts.aliases) if facts else (),
-                    in_flight=sum(s.in_flight for s in slots),
+                    in_flight=sum(s.in_flight for s in model_slots),
                     queued=self.queued.get(model_id, 0),
-                    last_used=max((s.last_used for s in slots), default=0.0),
+                    last_used=max((s.last_used for s in model_slots), default=0.0),
                     stats=self.stats_for_model(model_id),
                 )
             )

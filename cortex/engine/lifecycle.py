@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from cortex.config import Settings
 from cortex.engine.events import (
@@ -93,7 +94,7 @@ class _ModelQueue:
     def __init__(self) -> None:
         self.waiters = 0
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.placer: asyncio.Task[None] | None = None
+        self.placer: asyncio.Task[Any] | None = None
 
     def wake(self, error: Exception | None = None) -> None:
         fut, self.future = self.future, asyncio.get_running_loop().create_future()
@@ -114,7 +115,7 @@ class Lifecycle:
         fleet: Fleet,
         metrics: CortexMetrics,
         bus: EventBus,
-        spawn: Callable[[Awaitable[None]], asyncio.Task[None]],
+        spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
         restart: RestartFn | None = None,
     ) -> None:
         self.settings = settings
@@ -128,6 +129,8 @@ class Lifecycle:
         self.load_timeout_s = max(settings.gateway.queue_timeout_s, settings.gateway.first_byte_timeout_s)
         self.memory_wait_s = 30.0
         self._changed = asyncio.Event()
+        self.defrag_task: asyncio.Task[Any] | None = None
+        """The last automatic defrag (tests await it)."""
 
     # -- request path -------------------------------------------------------------------------------
 
@@ -173,9 +176,7 @@ class Lifecycle:
                     queue.placer = self.spawn(self._placer(model, queue))
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise QueueTimeout(
-                        f"{model} was not ready within {self.settings.gateway.queue_timeout_s:g} s"
-                    )
+                    raise QueueTimeout(f"{model} was not ready within {self.settings.gateway.queue_timeout_s:g} s")
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(queue.future), min(remaining, 1.0))
         finally:
@@ -193,10 +194,10 @@ class Lifecycle:
         """Something that may unblock a placer happened (a request ended, a poll landed)."""
         self._changed.set()
 
-    async def _wait_change(self, timeout: float) -> None:
+    async def _wait_change(self, wait_s: float) -> None:
         self._changed.clear()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            await asyncio.wait_for(self._changed.wait(), wait_s)
 
     # -- placement ------------------------------------------------------------------------------------
 
@@ -227,9 +228,7 @@ class Lifecycle:
                 if model in self.fleet.loading:
                     await self._wait_change(1.0)
                     continue
-                candidates = [
-                    n for n in self.fleet.listed(model) if n.name not in tried and n.status is NodeStatus.UP
-                ]
+                candidates = [n for n in self.fleet.listed(model) if n.name not in tried and n.status is NodeStatus.UP]
                 if not candidates:
                     if tried:
                         queue.wake(LoadFailed(f"loading {model} failed: {last_error}"))
@@ -256,7 +255,9 @@ class Lifecycle:
 
     # -- node actions ---------------------------------------------------------------------------------
 
-    async def load_on(self, node: NodeRec, model: str, victims: tuple[str, ...] = (), reason: str = "evict") -> str | None:
+    async def load_on(
+        self, node: NodeRec, model: str, victims: tuple[str, ...] = (), reason: str = "evict"
+    ) -> str | None:
         """Unload ``victims`` then load ``model`` on ``node``. Returns None on success, else the error.
 
         The target is marked LOADING and the victims UNLOADING before the first ``await``.
@@ -403,7 +404,8 @@ class Lifecycle:
         if used > budget:
             snap = fleet.snapshot().node(node.name)
             extras = [
-                s for s in (snap.slots if snap else ())
+                s
+                for s in (snap.slots if snap else ())
                 if s.state is SlotState.LOADED and not s.pinned and s.in_flight == 0
             ]
             for slot in victim_order(extras, strategy="lru", priorities=fleet.priorities):
@@ -429,9 +431,13 @@ class Lifecycle:
             if snap is None:
                 continue
             victims = select_victims(
-                snap, self.fleet.footprint(model) or 0, strategy=self.settings.eviction.strategy,
-                priorities=self.fleet.priorities, now=self.fleet.clock(),
-                min_resident_s=self.settings.eviction.min_resident_s, queued=self.fleet.queued,
+                snap,
+                self.fleet.footprint(model) or 0,
+                strategy=self.settings.eviction.strategy,
+                priorities=self.fleet.priorities,
+                now=self.fleet.clock(),
+                min_resident_s=self.settings.eviction.min_resident_s,
+                queued=self.fleet.queued,
             )
             if victims is None:
                 log.warning("no room for pinned %s on %s without breaking the eviction rules", model, node.name)
@@ -461,7 +467,7 @@ class Lifecycle:
     def _maybe_defrag(self, node: NodeRec) -> None:
         after = self.settings.eviction.defrag_after_cycles
         if after > 0 and node.cycles >= after and node.name not in self.defragging:
-            self.spawn(self.defrag(node, reason="defrag"))
+            self.defrag_task = self.spawn(self.defrag(node, reason="defrag"))
 
     async def defrag(self, node: NodeRec, *, reason: str) -> RestartResult:
         """Drain, restart through the agent, wait for health, trim to pins and residents, reload pins."""

@@ -127,7 +127,7 @@ class SlidingWindow:
 def _quantile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
-    idx = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    idx = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return sorted_values[idx]
 
 
@@ -160,8 +160,12 @@ class _FleetCollector(Collector):
         cycles = GaugeMetricFamily(
             "cortex_node_eviction_cycles", "Eviction cycles since the node's last defrag", labels=["node"]
         )
-        loaded = GaugeMetricFamily("cortex_model_loaded", "1 when the model is loaded on the node", labels=["model", "node"])
-        pinned = GaugeMetricFamily("cortex_model_pinned", "1 when the model is pinned on the node", labels=["model", "node"])
+        loaded = GaugeMetricFamily(
+            "cortex_model_loaded", "1 when the model is loaded on the node", labels=["model", "node"]
+        )
+        pinned = GaugeMetricFamily(
+            "cortex_model_pinned", "1 when the model is pinned on the node", labels=["model", "node"]
+        )
         inflight = GaugeMetricFamily(
             "cortex_requests_in_flight", "Requests being served, per model and node", labels=["model", "node"]
         )
@@ -200,40 +204,66 @@ class CortexMetrics:
             "cortex_requests_total", "Client requests by outcome", ["model", "node", "api", "status"], registry=r
         )
         self.duration = Histogram(
-            "cortex_request_duration_seconds", "End-to-end request latency seen by cortex",
-            ["model", "node", "api"], buckets=_LATENCY_BUCKETS, registry=r,
+            "cortex_request_duration_seconds",
+            "End-to-end request latency seen by cortex",
+            ["model", "node", "api"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "cortex_time_to_first_token_seconds", "Request accepted to first content byte forwarded",
-            ["model", "node", "api"], buckets=_TTFT_BUCKETS, registry=r,
+            "cortex_time_to_first_token_seconds",
+            "Request accepted to first content byte forwarded",
+            ["model", "node", "api"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
         )
         self.prompt_tokens = Counter(
             "cortex_prompt_tokens_total", "Prompt tokens (from the node's usage)", ["model", "node", "api"], registry=r
         )
         self.completion_tokens = Counter(
-            "cortex_completion_tokens_total", "Completion tokens (from the node's usage)",
-            ["model", "node", "api"], registry=r,
+            "cortex_completion_tokens_total",
+            "Completion tokens (from the node's usage)",
+            ["model", "node", "api"],
+            registry=r,
         )
         self.decode = Histogram(
-            "cortex_generation_tokens_per_second", "Decode speed per request", ["model", "node"],
-            buckets=_TPS_BUCKETS, registry=r,
+            "cortex_generation_tokens_per_second",
+            "Decode speed per request",
+            ["model", "node"],
+            buckets=_TPS_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
-            "cortex_queue_wait_seconds", "Time a request waited for its model to be placed and loaded",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+            "cortex_queue_wait_seconds",
+            "Time a request waited for its model to be placed and loaded",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.overhead = Histogram(
-            "cortex_proxy_overhead_seconds", "Time spent in cortex itself, queue and upstream excluded",
-            ["api"], buckets=_OVERHEAD_BUCKETS, registry=r,
+            "cortex_proxy_overhead_seconds",
+            "Time spent in cortex itself, queue and upstream excluded",
+            ["api"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
         )
-        self.loads = Counter("cortex_model_loads_total", "Model loads cortex asked for", ["model", "node", "result"], registry=r)
+        self.loads = Counter(
+            "cortex_model_loads_total", "Model loads cortex asked for", ["model", "node", "result"], registry=r
+        )
         self.load_duration = Histogram(
-            "cortex_model_load_duration_seconds", "Time a node took to load a model", ["model", "node"],
-            buckets=_LOAD_BUCKETS, registry=r,
+            "cortex_model_load_duration_seconds",
+            "Time a node took to load a model",
+            ["model", "node"],
+            buckets=_LOAD_BUCKETS,
+            registry=r,
         )
-        self.unloads = Counter("cortex_model_unloads_total", "Model unloads by reason", ["model", "node", "reason"], registry=r)
+        self.unloads = Counter(
+            "cortex_model_unloads_total", "Model unloads by reason", ["model", "node", "reason"], registry=r
+        )
         self.cycles = Counter("cortex_eviction_cycles_total", "Eviction rounds per node", ["node"], registry=r)
-        self.restarts = Counter("cortex_node_restarts_total", "Node server restarts through the agent", ["node"], registry=r)
+        self.restarts = Counter(
+            "cortex_node_restarts_total", "Node server restarts through the agent", ["node"], registry=r
+        )
         self._fleet_source: Callable[[], FleetSnapshot | None] = lambda: None
         r.register(_FleetCollector(lambda: self._fleet_source()))
         self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
@@ -295,8 +325,17 @@ class CortexMetrics:
         for window in (self._total, self._window("model", o.model), self._window("node", o.node)):
             window.add(now, error=error, tokens=completion, ttft=ttft, decode=decode)
         record = RequestRecord(
-            ts=now, api=o.api, model=o.model, node=o.node, status=o.status, ttft_s=ttft, tok_s=decode,
-            prompt_tokens=prompt, completion_tokens=completion, latency_s=latency, queue_s=o.queue_s,
+            ts=now,
+            api=o.api,
+            model=o.model,
+            node=o.node,
+            status=o.status,
+            ttft_s=ttft,
+            tok_s=decode,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            latency_s=latency,
+            queue_s=o.queue_s,
             stream=o.stream,
         )
         self._ring.append(record)
@@ -314,7 +353,7 @@ class CortexMetrics:
             self.load_duration.labels(model, node).observe(seconds)
 
     def unloaded(self, model: str, node: str, reason: str) -> None:
-        """cortex unloaded a model (`evict`, `ttl`, `manual`, `defrag`, `reconcile`)."""
+        """Cortex unloaded a model (`evict`, `ttl`, `manual`, `defrag`, `reconcile`)."""
         self.unloads.labels(model, node, reason).inc()
 
     def cycle(self, node: str) -> None:
@@ -340,9 +379,7 @@ class CortexMetrics:
     def totals(self) -> FleetTotals:
         """Gateway-wide figures (in-flight and queue filled in by the fleet)."""
         stats = self._total.stats(self.clock())
-        return FleetTotals(
-            req_s=stats.req_s, tok_s=stats.tok_s, requests=self.requests_total, errors=self.errors_total
-        )
+        return FleetTotals(req_s=stats.req_s, tok_s=stats.tok_s, requests=self.requests_total, errors=self.errors_total)
 
     def recent(self) -> tuple[RequestRecord, ...]:
         """Recent requests, newest first."""

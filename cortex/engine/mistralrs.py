@@ -17,9 +17,7 @@ import aiohttp
 
 __all__ = ["LIFECYCLE_STATUSES", "LifecycleReply", "MistralRsClient", "NodeError", "SystemInfo", "parse_models"]
 
-LIFECYCLE_STATUSES = frozenset(
-    {"loaded", "unloaded", "reloading", "not_found", "no_loader_config", "internal_error"}
-)
+LIFECYCLE_STATUSES = frozenset({"loaded", "unloaded", "reloading", "not_found", "no_loader_config", "internal_error"})
 _MIB = 1024 * 1024
 
 
@@ -102,7 +100,7 @@ class MistralRsClient:
                 if resp.status != 200:
                     raise NodeError(f"GET {path}: HTTP {resp.status}")
                 return await resp.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             raise NodeError(f"GET {path}: {_describe(exc)}") from None
 
     async def health(self) -> None:
@@ -112,7 +110,7 @@ class MistralRsClient:
                 await resp.read()
                 if resp.status != 200:
                     raise NodeError(f"GET /health: HTTP {resp.status}")
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise NodeError(f"GET /health: {_describe(exc)}") from None
 
     async def models(self) -> dict[str, str]:
@@ -133,11 +131,9 @@ class MistralRsClient:
         timeout = self._timeout if timeout_s is None else aiohttp.ClientTimeout(total=timeout_s)
         path = f"/v1/models/{action}"
         try:
-            async with self._session.post(
-                self.endpoint + path, json={"model_id": model_id}, timeout=timeout
-            ) as resp:
+            async with self._session.post(self.endpoint + path, json={"model_id": model_id}, timeout=timeout) as resp:
                 body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             raise NodeError(f"POST {path}: {_describe(exc)}") from None
         if not isinstance(body, dict) or body.get("status") not in LIFECYCLE_STATUSES:
             raise NodeError(f"POST {path}: unexpected answer {str(body)[:200]}")

@@ -29,9 +29,7 @@ class Placement:
     free_after_mb: int = 0
 
 
-def evictable(
-    slot: ModelSlot, *, now: float, min_resident_s: float, queued: Mapping[str, int]
-) -> bool:
+def evictable(slot: ModelSlot, *, now: float, min_resident_s: float, queued: Mapping[str, int]) -> bool:
     """Whether a slot may be unloaded to make room."""
     return (
         slot.state is SlotState.LOADED
@@ -46,9 +44,7 @@ def _recency(slot: ModelSlot) -> float:
     return max(slot.last_used, slot.loaded_at or 0.0)
 
 
-def victim_order(
-    slots: Sequence[ModelSlot], *, strategy: Strategy, priorities: Mapping[str, int]
-) -> list[ModelSlot]:
+def victim_order(slots: Sequence[ModelSlot], *, strategy: Strategy, priorities: Mapping[str, int]) -> list[ModelSlot]:
     """Slots in the order they should leave: LRU first, or lowest priority then LRU."""
     if strategy == "priority":
         return sorted(slots, key=lambda s: (priorities.get(s.model_id, 0), _recency(s), s.model_id))
@@ -74,9 +70,7 @@ def select_victims(
     free = node.vram_free_mb
     if free >= need_mb:
         return ()
-    candidates = [
-        s for s in node.slots if evictable(s, now=now, min_resident_s=min_resident_s, queued=queued)
-    ]
+    candidates = [s for s in node.slots if evictable(s, now=now, min_resident_s=min_resident_s, queued=queued)]
     chosen: list[ModelSlot] = []
     for slot in victim_order(candidates, strategy=strategy, priorities=priorities):
         if not slot.vram_mb:
@@ -140,8 +134,13 @@ def place(
         if need_mb > node.vram_total_mb - node.headroom_mb:
             continue
         victims = select_victims(
-            node, need_mb, strategy=strategy, priorities=priorities, now=now,
-            min_resident_s=min_resident_s, queued=queued,
+            node,
+            need_mb,
+            strategy=strategy,
+            priorities=priorities,
+            now=now,
+            min_resident_s=min_resident_s,
+            queued=queued,
         )
         if victims is None:
             continue

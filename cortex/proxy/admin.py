@@ -72,8 +72,9 @@ def add_admin_routes(app: web.Application, engine: Engine) -> None:
         try:
             data = await request.json()
         except ValueError:
-            raise web.HTTPBadRequest(text='{"ok": false, "message": "body must be JSON"}',
-                                     content_type="application/json") from None
+            raise web.HTTPBadRequest(
+                text='{"ok": false, "message": "body must be JSON"}', content_type="application/json"
+            ) from None
         return data if isinstance(data, dict) else {}
 
     def result(res: cmd.CommandResult) -> web.Response:
@@ -92,14 +93,14 @@ def add_admin_routes(app: web.Application, engine: Engine) -> None:
         if action == "unload":
             command = cmd.UnloadModel(model, node, force=bool(data.get("force", False)))
         else:
-            command = _MODEL_ACTIONS[action](model, node)  # type: ignore[call-arg]
+            command = _MODEL_ACTIONS[action](model, node)
         return result(await engine.submit(command))
 
     async def node_action(request: web.Request) -> web.StreamResponse:
         if (denied := check_admin(request, token)) is not None:
             return denied
         name, action = request.match_info["name"], request.match_info["action"]
-        return result(await engine.submit(_NODE_ACTIONS[action](name)))  # type: ignore[call-arg]
+        return result(await engine.submit(_NODE_ACTIONS[action](name)))
 
     async def events(request: web.Request) -> web.StreamResponse:
         if (denied := check_admin(request, token)) is not None:

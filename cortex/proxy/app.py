@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -34,11 +34,13 @@ ENGINE = web.AppKey("engine", object)
 def create_app(engine: Engine) -> web.Application:
     """The client API, the admin API, ``/health`` and ``/ready`` on one app."""
     settings = engine.settings.gateway
-    app = web.Application(client_max_size=int(settings.max_body_mb * 1024 * 1024), handler_args={"max_field_size": 65536})
+    app = web.Application(
+        client_max_size=int(settings.max_body_mb * 1024 * 1024), handler_args={"max_field_size": 65536}
+    )
     app[ENGINE] = engine
     keys = [k.get_secret_value().encode() for k in settings.api_keys]
 
-    def inference(path: str) -> web.RequestHandler:  # type: ignore[type-arg]
+    def inference(path: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handler(request: web.Request) -> web.StreamResponse:
             return await handle_openai(request, engine, path, keys)
 

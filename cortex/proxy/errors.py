@@ -39,9 +39,7 @@ def openai_error(
 ) -> web.Response:
     """An OpenAI error envelope ``{"error": {"message", "type", "param", "code"}}``."""
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return web.Response(
-        status=status, body=json.dumps(body).encode(), content_type="application/json", headers=headers
-    )
+    return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json", headers=headers)
 
 
 def openai_error_for(exc: CortexError, headers: dict[str, str] | None = None) -> web.Response:
@@ -50,8 +48,9 @@ def openai_error_for(exc: CortexError, headers: dict[str, str] | None = None) ->
     if exc.retry_after is not None:
         extra["Retry-After"] = str(int(exc.retry_after))
     code = {404: "model_not_found", 503: "unavailable", 502: "upstream_error"}.get(exc.status)
-    return openai_error(exc.status, exc.message, exc.kind, param="model" if exc.status == 404 else None,
-                        code=code, headers=extra)
+    return openai_error(
+        exc.status, exc.message, exc.kind, param="model" if exc.status == 404 else None, code=code, headers=extra
+    )
 
 
 @dataclass(frozen=True, slots=True)

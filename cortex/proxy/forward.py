@@ -55,9 +55,17 @@ class Call:
     def outcome(self) -> RequestOutcome:
         """The metrics record of this call, ended now."""
         return RequestOutcome(
-            api=self.api, model=self.model, node=self.node, status=self.status, stream=self.stream,
-            started=self.started, ended=time.monotonic(), first_byte=self.first_byte, queue_s=self.queue_s,
-            upstream_s=self.upstream_s, usage=self.usage,
+            api=self.api,
+            model=self.model,
+            node=self.node,
+            status=self.status,
+            stream=self.stream,
+            started=self.started,
+            ended=time.monotonic(),
+            first_byte=self.first_byte,
+            queue_s=self.queue_s,
+            upstream_s=self.upstream_s,
+            usage=self.usage,
         )
 
 

@@ -123,9 +123,7 @@ def _failure_response(failure: InjectedFailure) -> web.Response:
         return web.Response(status=failure.status)
     if isinstance(failure.body, str):
         return web.Response(status=failure.status, text=failure.body)
-    return web.Response(
-        status=failure.status, text=frames.dumps(failure.body), content_type="application/json"
-    )
+    return web.Response(status=failure.status, text=frames.dumps(failure.body), content_type="application/json")
 
 
 def _middleware(node: SimNode) -> Middleware:
@@ -151,10 +149,10 @@ def _middleware(node: SimNode) -> Middleware:
             early = _failure_response(failure)
         if path in EXCLUDED_PATHS:
             return early or await _dispatch(request, handler)
-        metrics = node.metrics
         model = _model_label(node, route, body)
-        flight = metrics.in_flight.labels(request.method, route, model)
-        flight.inc()
+        flight = node.metrics.request_started(
+            request.method, route, model, None if body is None else request.content_length or 0
+        )
         status = 500
         try:
             resp = early or await _dispatch(request, handler)
@@ -162,11 +160,7 @@ def _middleware(node: SimNode) -> Middleware:
             return resp
         finally:
             flight.dec()
-            labels = (request.method, route, model, str(status))
-            metrics.requests.labels(*labels).inc()
-            metrics.duration.labels(*labels).observe(time.monotonic() - arrived)
-            if body is not None:
-                metrics.body_bytes.labels(request.method, route, model).observe(request.content_length or 0)
+            node.metrics.request_finished(request.method, route, model, status, time.monotonic() - arrived)
 
     return middleware
 

@@ -222,14 +222,10 @@ def parse_embedding(body: ParsedBody) -> EmbeddingRequest:
     )
     if not ok:
         raise _bad("input", value, "a string, strings, token ids or sequences of token ids")
-    items: list[str | list[int]] = (
-        [value] if isinstance(value, str) or (value and _is_ints(value)) else list(value)
-    )
+    items: list[str | list[int]] = [value] if isinstance(value, str) or (value and _is_ints(value)) else list(value)
     fmt = obj.get("encoding_format")
     if fmt not in (None, "float", "base64"):
-        raise BodyRejected(
-            422, f"{DESERIALIZE}encoding_format: unknown variant `{fmt}`, expected `float` or `base64`"
-        )
+        raise BodyRejected(422, f"{DESERIALIZE}encoding_format: unknown variant `{fmt}`, expected `float` or `base64`")
     return EmbeddingRequest(
         model=_opt_str(obj, "model"),
         items=items,

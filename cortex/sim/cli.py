@@ -47,9 +47,7 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     parser.add_argument("--port", type=int, default=1234, help="port to bind (default: %(default)s)")
     parser.add_argument("--name", default="sim", help="node name for logs and the device name")
-    parser.add_argument(
-        "--vram-mb", type=int, default=24576, help="device memory, MiB (default: %(default)s)"
-    )
+    parser.add_argument("--vram-mb", type=int, default=24576, help="device memory, MiB (default: %(default)s)")
     parser.add_argument("--base-vram-mb", type=int, default=300, help="memory used with no model, MiB")
     parser.add_argument(
         "--model",
@@ -66,9 +64,7 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ID",
         help="a --model that starts unloaded (repeatable; ID=MB also declares it)",
     )
-    parser.add_argument(
-        "--load-s", type=float, default=0.5, help="seconds per model load (default: %(default)s)"
-    )
+    parser.add_argument("--load-s", type=float, default=0.5, help="seconds per model load (default: %(default)s)")
     parser.add_argument(
         "--tok-s",
         type=float,
@@ -77,9 +73,7 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--keepalive-s", type=float, default=10.0, help="SSE keep-alive interval in seconds")
     parser.add_argument("--max-seq-len", type=int, default=32768, help="context length in tokens")
-    parser.add_argument(
-        "--unload-free-s", type=float, default=0.0, help="seconds before unloaded memory is free"
-    )
+    parser.add_argument("--unload-free-s", type=float, default=0.0, help="seconds before unloaded memory is free")
     parser.add_argument("--reload-bug", action="store_true", help="copy mistral.rs's reload-on-loaded bug")
     parser.add_argument(
         "--tool-style", choices=("mistralrs", "openai"), default="mistralrs", help="tool-call streaming"

@@ -109,20 +109,22 @@ class ChunkEncoder:
         self.model = model
         head = b'data:{"id":' + dumps(request_id).encode() + b',"choices":[{'
         tail = (
-            b',"created":' + str(created).encode() + b',"model":' + dumps(model).encode()
+            b',"created":'
+            + str(created).encode()
+            + b',"model":'
+            + dumps(model).encode()
             + b',"system_fingerprint":"local","object":'
-        )  # fmt: skip
+        )
         if kind == "chat":
             self._prefix = head + b'"finish_reason":null,"index":0,"delta":{"content":'
             self._suffix = (
-                b',"role":"assistant","tool_calls":null},"logprobs":null}]' + tail
+                b',"role":"assistant","tool_calls":null},"logprobs":null}]'
+                + tail
                 + b'"chat.completion.chunk","usage":null}\n\n'
-            )  # fmt: skip
+            )
         else:
             self._prefix = head + b'"text":'
-            self._suffix = (
-                b',"index":0,"logprobs":null,"finish_reason":null}]' + tail + b'"text_completion"}\n\n'
-            )
+            self._suffix = b',"index":0,"logprobs":null,"finish_reason":null}]' + tail + b'"text_completion"}\n\n'
 
     def content(self, piece: str) -> bytes:
         """A plain content (chat) or text (completions) chunk: the hot path."""
@@ -138,9 +140,7 @@ class ChunkEncoder:
         return sse(
             {
                 "id": self.request_id,
-                "choices": [
-                    {"finish_reason": finish_reason, "index": 0, "delta": delta_obj, "logprobs": None}
-                ],
+                "choices": [{"finish_reason": finish_reason, "index": 0, "delta": delta_obj, "logprobs": None}],
                 "created": self.created,
                 "model": self.model,
                 "system_fingerprint": "local",

@@ -3,7 +3,8 @@
 A stream is handed over as already-encoded frames (one per token step, ``b""`` for a token that shows
 nothing, such as a buffered tool call) plus a callback for the finish frame, which needs the measured
 decode time for its usage. Keeping the pacing separate from the encoding means the benchmark path
-(``tok_s <= 0``) is a single ``write`` of the joined frames with no sleeps and no per-token awaits.
+(``tok_s <= 0``) is one joined body (:func:`burst_body`, sent by :func:`sse_response` with the headers
+and the chunked terminator in a single socket write) with no sleeps and no per-token awaits.
 """
 
 from __future__ import annotations
@@ -19,6 +20,31 @@ from cortex.sim.models import Engine
 from cortex.sim.script import StreamFault
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+def sse_response(body: bytes) -> web.Response:
+    """A complete, chunked ``text/event-stream`` response: headers, body and terminator in one write."""
+    resp = web.Response(body=body, headers=SSE_HEADERS)
+    resp.enable_chunked_encoding()
+    return resp
+
+
+def burst_body(steps: list[bytes], finish: Callable[[float], bytes], fault: StreamFault | None) -> tuple[bytes, bool]:
+    """Every frame of an undelayed stream, joined, up to the fault point if a fault is armed.
+
+    Returns:
+        The body, and whether it is complete (ends with ``[DONE]`` or a scripted error and ``[DONE]``)
+        rather than cut short for an ``end``/``abort`` fault.
+    """
+    frames = [f for f in steps if f]
+    if fault is not None and fault.after <= len(frames):
+        body = b"".join(frames[: fault.after])
+        if fault.kind == "error":
+            return body + error_frame(fault.message) + DONE, True
+        return body, False
+    frames.append(finish(0.0))
+    frames.append(DONE)
+    return b"".join(frames), True
 
 
 async def open_stream(request: web.Request) -> web.StreamResponse:
@@ -82,24 +108,16 @@ class Pacer:
             return
 
     async def _burst(self, steps: list[bytes], finish: Callable[[float], bytes]) -> None:
-        """The no-delay path: everything up to the fault point in one write."""
-        fault = self._fault
-        frames = [f for f in steps if f]
-        done = fault is None or fault.after > len(frames)
-        if not done and fault is not None:
-            frames = frames[: fault.after]
-        else:
-            frames.append(finish(0.0))
-            frames.append(DONE)
-        if frames:
+        """The no-delay path on an open stream (used for ``abort`` faults): one write, then the fault."""
+        body, complete = burst_body(steps, finish, self._fault)
+        if body:
             self.first_frame_at = self._loop.time()
         try:
-            await self._resp.write(b"".join(frames))
-            if not done and fault is not None:
-                self._sent = fault.after
-                await self._apply(fault)
-            else:
+            await self._resp.write(body)
+            if complete or self._fault is None:
                 await self._resp.write_eof()
+            else:
+                await self._apply(self._fault)
         except ConnectionError:
             return
 

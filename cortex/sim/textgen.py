@@ -62,19 +62,15 @@ def message_text(content: object) -> str:
         return content
     if isinstance(content, list):
         return "".join(
-            str(part.get("text", ""))
-            for part in content
-            if isinstance(part, dict) and part.get("type") == "text"
+            str(part.get("text", "")) for part in content if isinstance(part, dict) and part.get("type") == "text"
         )
     return ""
 
 
 def chat_prompt_text(messages: str | list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
     """The text a chat prompt is counted from: every message's text plus the tools' JSON."""
-    if isinstance(messages, str):
-        text = messages
-    else:
-        text = "".join(message_text(m.get("content")) for m in messages)
+    parts = [messages] if isinstance(messages, str) else [message_text(m.get("content")) for m in messages]
+    text = "".join(parts)
     if tools:
         text += json.dumps(tools, separators=(",", ":"))
     return text

@@ -162,6 +162,8 @@ class CortexApp(App[int]):
     # -- keys ---------------------------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in DASHBOARD_ACTIONS and self.screen is not self.dashboard:
+            return False
         return not (isinstance(self.screen, ModalScreen) and action in BLOCKED_BY_DIALOGS)
 
     def _selected(self, kind: str, verb: str) -> Selection | None:
@@ -192,12 +194,10 @@ class CortexApp(App[int]):
         _ = self.push_screen(HelpScreen(bindings, read_only=self.read_only))
 
     def action_filter(self) -> None:
-        if self.screen is self.dashboard:
-            self.dashboard.open_filter()
+        self.dashboard.open_filter()
 
     def action_sort(self) -> None:
-        if self.screen is self.dashboard:
-            self.dashboard.cycle_sort()
+        self.dashboard.cycle_sort()
 
     def action_pin(self) -> None:
         sel = self._selected("model", "pin")
@@ -218,9 +218,7 @@ class CortexApp(App[int]):
         model = self.engine.snapshot().model(sel.key)
         where = ", ".join(model.nodes) if model is not None and model.nodes else "every node"
         if model is None or not model.pinned:
-            self._confirm(
-                f"Unload {sel.key} from {where}?", lambda: self.submit(commands.UnloadModel(sel.key))
-            )
+            self._confirm(f"Unload {sel.key} from {where}?", lambda: self.submit(commands.UnloadModel(sel.key)))
             return
 
         def ask_again() -> None:

@@ -18,6 +18,7 @@ from cortex.tui.render import STATE_TONE, STATUS_TONE, Cell, Span, cell, vram_ba
 __all__ = ["Notice", "command_label", "event_notice", "model_lines", "node_lines"]
 
 Severity = Literal["information", "warning", "error"]
+SLOT_HEADER = "  {first:<28} state       since   VRAM busy   used"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,16 +46,20 @@ def _stats_lines(stats: WindowStats) -> list[Cell]:
     ]
 
 
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _slot_line(slot: ModelSlot, now: float) -> Cell:
     state = slot.state.value
     return (
-        (f"  {slot.model_id:<34} ", ""),
+        (f"  {_clip(slot.model_id, 28):<28} ", ""),
         (f"{state:<10}", STATE_TONE.get(state, "warning")),
-        (f" {fmt.duration(now - slot.state_since):>7}", ""),
-        (f" {fmt.mb(slot.vram_mb):>7}", ""),
-        (f" {slot.in_flight:>5}", ""),
-        (f" {fmt.age(slot.last_used, now):>9}", ""),
-        ("  pinned" if slot.pinned else "", "accent"),
+        (f"{fmt.short_duration(now - slot.state_since):>7}", ""),
+        (f"{fmt.mb(slot.vram_mb):>7}", ""),
+        (f"{slot.in_flight:>5}", ""),
+        (f"{fmt.short_age(slot.last_used, now):>7}", ""),
+        (" pinned" if slot.pinned else "", "accent"),
     )
 
 
@@ -62,7 +67,6 @@ def node_lines(node: NodeSnapshot, now: float, tz: dt.tzinfo | None) -> list[Cel
     """Every field of a node, its agent and GPUs, and its slots."""
     left = node.cycles_to_defrag
     lines: list[Cell] = [
-        _title(f"node {node.name}"),
         _kv("endpoint", (node.endpoint, "")),
         _kv("status", (node.status.value, STATUS_TONE.get(node.status, ""))),
         _kv("VRAM", *vram_bar(node.vram_used_mb, node.vram_total_mb, 20)),
@@ -122,7 +126,7 @@ def node_lines(node: NodeSnapshot, now: float, tz: dt.tzinfo | None) -> list[Cel
     lines += [
         (),
         _title("slots"),
-        cell(f"  {'model':<34} {'state':<10} {'since':>7} {'VRAM':>7} {'busy':>5} {'last used':>9}", "muted"),
+        cell(SLOT_HEADER.format(first="model"), "muted"),
     ]
     lines += [_slot_line(slot, now) for slot in node.slots] or [cell("  none", "muted")]
     return lines
@@ -135,7 +139,6 @@ def model_lines(model: ModelView, snap: FleetSnapshot, now: float) -> list[Cell]
         since = "" if model.loading_since is None else f" for {fmt.duration(now - model.loading_since)}"
         loading = f"on {model.loading_on}{since}"
     lines: list[Cell] = [
-        _title(f"model {model.id}"),
         _kv("state", (model.state, STATE_TONE.get(model.state, "warning"))),
         _kv("loaded on", (", ".join(model.nodes) or fmt.DASH, "")),
         _kv("listed on", (", ".join(model.listed_on) or fmt.DASH, "")),
@@ -153,14 +156,14 @@ def model_lines(model: ModelView, snap: FleetSnapshot, now: float) -> list[Cell]
         *_stats_lines(model.stats),
         (),
         _title("slots"),
-        cell(f"  {'node':<34} {'state':<10} {'since':>7} {'VRAM':>7} {'busy':>5} {'last used':>9}", "muted"),
+        cell(SLOT_HEADER.format(first="node"), "muted"),
     ]
     for name in model.listed_on:
         node = snap.node(name)
         slot = None if node is None else node.slot(model.id)
         if slot is not None:
             line = _slot_line(slot, now)
-            lines.append(((f"  {name:<34} ", ""), *line[1:]))
+            lines.append(((f"  {name:<28} ", ""), *line[1:]))
     return lines
 
 

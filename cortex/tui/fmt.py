@@ -8,7 +8,18 @@ from __future__ import annotations
 
 import datetime as dt
 
-__all__ = ["age", "clock_time", "duration", "mb", "rate", "seconds", "short_age", "short_duration", "short_model", "vram"]
+__all__ = [
+    "age",
+    "clock_time",
+    "duration",
+    "mb",
+    "rate",
+    "seconds",
+    "short_age",
+    "short_duration",
+    "short_model",
+    "vram",
+]
 
 DASH = "\u2013"
 """What an absent figure prints as."""

@@ -280,7 +280,7 @@ def request_cells(rec: RequestRecord, tz: dt.tzinfo | None) -> tuple[Cell, ...]:
     return (
         cell(fmt.clock_time(rec.ts, tz), "muted"),
         cell(rec.api),
-        cell(rec.model),
+        cell(fmt.short_model(rec.model)),
         cell(rec.node or fmt.DASH, "" if rec.node else "muted"),
         cell(str(rec.status), _status_tone(rec.status)),
         cell(fmt.seconds(rec.ttft_s)),

@@ -1,4 +1,4 @@
-"""Test doubles for the agent tests: a fake NVML, a stub mistralrs, and small gateways on loopback."""
+"""Test doubles for the agent tests: a fake NVML, the simulated mistralrs, and small gateways on loopback."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pydantic import SecretStr
 
 from cortex.config import NodeSettings, Settings
 from cortex.engine.agents import AgentHub
+from cortex.sim import SimModel, SimNode
 
 MIB = 1024 * 1024
 
@@ -38,9 +39,7 @@ def make_settings(**tokens: str) -> Settings:
     """Settings with one node per keyword: ``make_settings(n1="tok", n2="")``."""
     return Settings(
         nodes=[
-            NodeSettings(
-                name=name, endpoint="http://127.0.0.1:9", vram_mb=80_000, agent_token=SecretStr(token)
-            )
+            NodeSettings(name=name, endpoint="http://127.0.0.1:9", vram_mb=80_000, agent_token=SecretStr(token))
             for name, token in tokens.items()
         ]
     )
@@ -176,46 +175,11 @@ class LoopbackServer:
         return f"http://127.0.0.1:{self.port}"
 
 
-class StubMistralrs(LoopbackServer):
-    """Answers /health and /v1/models like mistralrs-api.md §2 and §4 (a loaded and an unloaded model)."""
-
-    def __init__(self) -> None:
-        app = web.Application()
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/v1/models", self._models)
-        super().__init__(app)
-
-    async def _health(self, request: web.Request) -> web.Response:
-        return web.Response(text="OK")
-
-    async def _models(self, request: web.Request) -> web.Response:
-        entries = [{"id": "default", "object": "model", "created": 1, "owned_by": "local", "root": "default"}]
-        for model_id, status in (("m", "loaded"), ("u", "unloaded")):
-            entries.append(
-                {
-                    "id": model_id,
-                    "object": "model",
-                    "created": 1,
-                    "owned_by": "local",
-                    "root": model_id,
-                    "status": status,
-                }
-            )
-        return web.json_response({"object": "list", "data": entries})
-
-
 async def start_mistralrs() -> tuple[str, Callable[[], Awaitable[None]]]:
-    """The project's simulated node when it is importable, else :class:`StubMistralrs`. Returns URL, stop."""
-    try:
-        from cortex.sim import SimModel, SimNode  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        stub = StubMistralrs()
-        await stub.start()
-        return stub.url, stub.stop
-    node = SimNode([SimModel("m", 1000)])
+    """The project's simulated mistral.rs node with a loaded ``m`` and an unloaded ``u``. Returns URL, stop."""
+    node = SimNode([SimModel("m", 1000), SimModel("u", 500, loaded=False)])
     port = await node.start()
-    stop: Callable[[], Awaitable[None]] = node.stop
-    return f"http://127.0.0.1:{port}", stop
+    return f"http://127.0.0.1:{port}", node.stop
 
 
 class HubGateway(LoopbackServer):
@@ -224,6 +188,8 @@ class HubGateway(LoopbackServer):
     def __init__(self, hub: AgentHub) -> None:
         self.hub = hub
         self.statuses: list[int] = []
+        self.arrivals: list[float] = []
+        """Monotonic arrival time of every report."""
         app = web.Application()
         app.router.add_post("/admin/agents/{node}/report", self._report)
         super().__init__(app)
@@ -233,10 +199,9 @@ class HubGateway(LoopbackServer):
             body: object = await request.json()
         except ValueError:
             body = None
-        status, data = self.hub.handle_report(
-            request.match_info["node"], request.headers.get("Authorization"), body
-        )
+        status, data = self.hub.handle_report(request.match_info["node"], request.headers.get("Authorization"), body)
         self.statuses.append(status)
+        self.arrivals.append(time.monotonic())
         return web.json_response(data, status=status)
 
 

@@ -287,9 +287,7 @@ async def test_killed_restart_is_not_ok() -> None:
     task = asyncio.create_task(hub.restart("n1", timeout_s=5))
     [command] = await next_commands(hub)
 
-    await next_commands(
-        hub, [result_body(command["id"], exit_code=None, error="timed out after 300 s; killed")]
-    )
+    await next_commands(hub, [result_body(command["id"], exit_code=None, error="timed out after 300 s; killed")])
     outcome = await task
 
     assert not outcome.ok

@@ -11,9 +11,7 @@ from tests.agent.fakes import FakeGpu, FakeNvml
 
 
 def test_reads_every_gpu_in_mib(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeNvml(
-        [FakeGpu(b"NVIDIA A100", 81_920, 1_024, util=37), FakeGpu("NVIDIA L4", 23_034, 0, util=None)]
-    )
+    fake = FakeNvml([FakeGpu(b"NVIDIA A100", 81_920, 1_024, util=37), FakeGpu("NVIDIA L4", 23_034, 0, util=None)])
     fake.install(monkeypatch)
     reader = NvmlReader()
     assert reader.start()

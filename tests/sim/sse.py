@@ -46,9 +46,7 @@ def chunks(raw: str) -> list[dict[str, Any]]:
     return [json.loads(d) for d in data_frames(raw) if d != "[DONE]"]
 
 
-async def post(
-    http: aiohttp.ClientSession, node: SimNode, path: str, body: object, **kwargs: Any
-) -> tuple[int, Any]:
+async def post(http: aiohttp.ClientSession, node: SimNode, path: str, body: object, **kwargs: Any) -> tuple[int, Any]:
     """POST JSON; return the status and the decoded JSON body (or the text when not JSON)."""
     async with http.post(node.url + path, json=body, **kwargs) as resp:
         text = await resp.text()

@@ -14,8 +14,7 @@ from tests.sim.conftest import ALPHA, BETA
 from tests.sim.sse import USER_HI, post
 
 NOT_AVAILABLE = (
-    "Requested model 'nope' is not available. Available models: org/alpha. "
-    "Use 'default' to use the default model."
+    "Requested model 'nope' is not available. Available models: org/alpha. Use 'default' to use the default model."
 )
 DESERIALIZE = "Failed to deserialize the JSON body"
 
@@ -107,9 +106,7 @@ async def test_unknown_path_is_empty_404(http: aiohttp.ClientSession, node: SimN
         assert (resp.status, await resp.read()) == (404, b"")
 
 
-async def test_embeddings_are_deterministic_and_echo_model(
-    http: aiohttp.ClientSession, node: SimNode
-) -> None:
+async def test_embeddings_are_deterministic_and_echo_model(http: aiohttp.ClientSession, node: SimNode) -> None:
     status, first = await post(http, node, "/v1/embeddings", {"input": ["alpha", "beta"], "model": "default"})
     assert status == 200
     assert first["object"] == "list"
@@ -184,18 +181,9 @@ async def test_metrics_count_requests_with_model_labels(http: aiohttp.ClientSess
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = await resp.text()
-    assert (
-        'http_requests_total{method="POST",model="org/alpha",path="/v1/chat/completions",status="200"} 1.0'
-        in text
-    )
-    assert (
-        'http_requests_total{method="POST",model="unknown",path="/v1/chat/completions",status="500"} 1.0'
-        in text
-    )
-    assert (
-        'http_requests_total{method="POST",model="org/beta",path="/v1/models/status",status="200"} 1.0'
-        in text
-    )
+    assert 'http_requests_total{method="POST",model="org/alpha",path="/v1/chat/completions",status="200"} 1.0' in text
+    assert 'http_requests_total{method="POST",model="unknown",path="/v1/chat/completions",status="500"} 1.0' in text
+    assert 'http_requests_total{method="POST",model="org/beta",path="/v1/models/status",status="200"} 1.0' in text
     assert 'path="/health"' not in text
     assert "\nmistralrs_sequences_running 0.0\n" in text
     assert "\nmistralrs_sequences_waiting 0.0\n" in text

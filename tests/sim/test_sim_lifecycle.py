@@ -81,9 +81,7 @@ async def test_lifecycle_statuses_are_always_http_200(http: aiohttp.ClientSessio
     assert node.model_status(ALPHA) == "unloaded"
 
 
-async def test_lifecycle_without_model_id_is_422_plain_text(
-    http: aiohttp.ClientSession, node: SimNode
-) -> None:
+async def test_lifecycle_without_model_id_is_422_plain_text(http: aiohttp.ClientSession, node: SimNode) -> None:
     status, body = await post(http, node, "/v1/models/reload", {"model": ALPHA})
     assert status == 422
     assert isinstance(body, str)
@@ -114,9 +112,7 @@ async def test_reload_of_loaded_model_is_not_found_and_harmless_without_bug(
     assert await listing(http, node) == [("default", None), (ALPHA, "loaded"), (BETA, "unloaded")]
 
 
-async def test_reload_bug_leaves_ids_stuck_reloading(
-    http: aiohttp.ClientSession, make_node: NodeFactory
-) -> None:
+async def test_reload_bug_leaves_ids_stuck_reloading(http: aiohttp.ClientSession, make_node: NodeFactory) -> None:
     node = await make_node(reload_bug=True)
     assert (await lifecycle(http, node, "reload", ALPHA))["status"] == "not_found"
     assert (await lifecycle(http, node, "reload", "ghost"))["status"] == "not_found"
@@ -213,9 +209,7 @@ async def test_lazy_load_blocks_and_concurrent_request_gets_being_reloaded(
     assert node.model_status(BETA) == "loaded"
 
 
-async def test_unload_aborts_inflight_stream_without_done(
-    http: aiohttp.ClientSession, make_node: NodeFactory
-) -> None:
+async def test_unload_aborts_inflight_stream_without_done(http: aiohttp.ClientSession, make_node: NodeFactory) -> None:
     node = await make_node(tok_s=40)
     body = {"messages": USER_HI, "max_tokens": 100, "stream": True}
     async with http.post(node.url + "/v1/chat/completions", json=body) as resp:
@@ -228,9 +222,7 @@ async def test_unload_aborts_inflight_stream_without_done(
     assert b"[DONE]" not in rest
 
 
-async def test_unload_fails_inflight_non_streaming_request(
-    http: aiohttp.ClientSession, make_node: NodeFactory
-) -> None:
+async def test_unload_fails_inflight_non_streaming_request(http: aiohttp.ClientSession, make_node: NodeFactory) -> None:
     node = await make_node(tok_s=40)
     pending = asyncio.create_task(post(http, node, "/v1/completions", {"prompt": "x", "max_tokens": 100}))
     await asyncio.sleep(0.1)

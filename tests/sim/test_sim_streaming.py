@@ -157,9 +157,7 @@ async def test_reasoning_deltas_come_before_content(http: aiohttp.ClientSession,
     assert reply["choices"][0]["message"]["reasoning_content"] == "Let me think about this."
 
 
-async def test_mistralrs_tool_call_arrives_whole_in_finish_chunk(
-    http: aiohttp.ClientSession, node: SimNode
-) -> None:
+async def test_mistralrs_tool_call_arrives_whole_in_finish_chunk(http: aiohttp.ClientSession, node: SimNode) -> None:
     body = {"messages": [{"role": "user", "content": "use a tool"}], "tools": [WEATHER_TOOL]}
     parsed = chunks(await stream_text(http, node, "/v1/chat/completions", body))
     assert len(parsed) == 1
@@ -172,9 +170,7 @@ async def test_mistralrs_tool_call_arrives_whole_in_finish_chunk(
     assert list(parsed[0]["usage"]) == USAGE_FIELDS
 
 
-async def test_openai_style_tool_call_is_fragmented(
-    http: aiohttp.ClientSession, make_node: NodeFactory
-) -> None:
+async def test_openai_style_tool_call_is_fragmented(http: aiohttp.ClientSession, make_node: NodeFactory) -> None:
     node = await make_node(tool_style="openai")
     body = {"messages": USER_HI, "tools": [WEATHER_TOOL], "tool_choice": "required"}
     parsed = chunks(await stream_text(http, node, "/v1/chat/completions", body))
@@ -221,9 +217,7 @@ async def test_default_tool_trigger(
     assert choice["finish_reason"] == ("tool_calls" if expected else "stop")
 
 
-async def test_scripted_tool_call_answers_next_request_with_tools(
-    http: aiohttp.ClientSession, node: SimNode
-) -> None:
+async def test_scripted_tool_call_answers_next_request_with_tools(http: aiohttp.ClientSession, node: SimNode) -> None:
     node.script_tool_call("lookup", '{"q":"x"}')
     await post(http, node, "/v1/chat/completions", {"messages": USER_HI})  # no tools: not consumed
     _, reply = await post(http, node, "/v1/chat/completions", {"messages": USER_HI, "tools": [TIME_TOOL]})
@@ -244,21 +238,15 @@ async def test_drop_stream_after_ends_without_done(http: aiohttp.ClientSession, 
     assert data_frames(raw)[-1] == "[DONE]"  # one-shot
 
 
-async def test_drop_stream_abort_cuts_the_connection(
-    http: aiohttp.ClientSession, make_node: NodeFactory
-) -> None:
+async def test_drop_stream_abort_cuts_the_connection(http: aiohttp.ClientSession, make_node: NodeFactory) -> None:
     node = await make_node(tok_s=200)
     node.drop_stream_after(1, abort=True)
-    async with http.post(
-        node.url + "/v1/chat/completions", json={"messages": USER_HI, "stream": True}
-    ) as resp:
+    async with http.post(node.url + "/v1/chat/completions", json={"messages": USER_HI, "stream": True}) as resp:
         with pytest.raises(aiohttp.ClientPayloadError):
             await resp.read()
 
 
-async def test_scripted_mid_stream_error_frame_then_done(
-    http: aiohttp.ClientSession, make_node: NodeFactory
-) -> None:
+async def test_scripted_mid_stream_error_frame_then_done(http: aiohttp.ClientSession, make_node: NodeFactory) -> None:
     node = await make_node(tok_s=500)
     node.error_stream_after(1, "boom")
     payloads = data_frames(await stream_text(http, node, "/v1/chat/completions", {"messages": USER_HI}))
@@ -269,14 +257,10 @@ async def test_scripted_mid_stream_error_frame_then_done(
     assert payloads[2] == "[DONE]"
 
 
-async def test_first_byte_delay_holds_headers_and_counts_as_prefill(
-    http: aiohttp.ClientSession, node: SimNode
-) -> None:
+async def test_first_byte_delay_holds_headers_and_counts_as_prefill(http: aiohttp.ClientSession, node: SimNode) -> None:
     node.set_first_byte_delay(0.2)
     started = time.monotonic()
-    async with http.post(
-        node.url + "/v1/chat/completions", json={"messages": USER_HI, "stream": True}
-    ) as resp:
+    async with http.post(node.url + "/v1/chat/completions", json={"messages": USER_HI, "stream": True}) as resp:
         assert time.monotonic() - started >= 0.19
         raw = await resp.text()
     assert chunks(raw)[-1]["usage"]["total_prompt_time_sec"] == pytest.approx(0.2, abs=0.002)

@@ -535,3 +535,170 @@ def test_sdk_raises_on_error_event() -> None:
     events, _ = run([text("partial"), {"error": {"message": "boom", "type": "server_error"}}])
     with pytest.raises(anthropic.APIStatusError):
         sdk_stream(events)
+
+
+# --- properties: any upstream style, any re-splitting, the same final message ----------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PIECE_TEXT = st.text(st.characters(exclude_categories=("Cs",), max_codepoint=0x1F600) | st.sampled_from(" \n\t{}\":,"), max_size=12)
+KEYS = st.from_regex(r"[a-z_][a-z0-9_]{0,7}", fullmatch=True)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3),
+    max_leaves=8,
+)
+TOOL_ARGS = st.dictionaries(KEYS, JSON, max_size=4)
+PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def split(draw: st.DrawFn, s: str) -> list[str]:
+    """Cut ``s`` at arbitrary points (possibly none)."""
+    if len(s) < 2:
+        return [s]
+    cuts = sorted(draw(st.sets(st.integers(1, len(s) - 1), max_size=len(s) - 1)))
+    return [s[a:b] for a, b in zip([0, *cuts], [*cuts, len(s)], strict=True)]
+
+
+def interleave(draw: st.DrawFn, queues: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Merge per-call fragment lists, keeping each call's order and starting calls in order."""
+    queues = [list(q) for q in queues]
+    out: list[dict[str, Any]] = []
+    started = 0
+    while any(queues):
+        choices = [i for i in range(started) if queues[i]]
+        if started < len(queues):
+            choices.append(started)
+        i = draw(st.sampled_from(choices))
+        if i == started:
+            started += 1
+        out.append(queues[i].pop(0))
+    return out
+
+
+@st.composite
+def upstream(draw: st.DrawFn) -> dict[str, Any]:
+    """An upstream response script, its chunks, and the final message it must produce."""
+    segments = draw(st.lists(st.tuples(st.sampled_from(["text", "thinking"]), PIECE_TEXT), max_size=5))
+    calls = [(f"call_{i}", f"tool_{i}", args) for i, args in enumerate(draw(st.lists(TOOL_ARGS, max_size=3)))]
+    style = draw(st.sampled_from(["whole", "fragmented", "reused", "cumulative"]))
+    finish = draw(st.sampled_from(["stop", "tool_calls", "length", "content_filter"]))
+    usage_mode = draw(st.sampled_from(["finish", "separate", "none"]))
+    thinking = draw(st.booleans())
+
+    chunks: list[dict[str, Any]] = []
+    for kind, s in segments:
+        field = "content" if kind == "text" else "reasoning_content"
+        chunks += [chunk({field: piece}) for piece in split(draw, s)]
+    final_delta: dict[str, Any] = {}
+    if style == "whole":
+        final_delta["tool_calls"] = [tool(i, call_id=c, name=n, args=json.dumps(a)) for i, (c, n, a) in enumerate(calls)]
+    else:
+        queues = []
+        for i, (call_id, name, args) in enumerate(calls):
+            index = 0 if style == "reused" else i
+            pieces = split(draw, json.dumps(args))
+            if style == "cumulative":
+                pieces = ["".join(pieces[: k + 1]) for k in range(len(pieces))]
+            elif draw(st.booleans()):
+                pieces = ["", *pieces]  # OpenAI's first fragment carries empty arguments
+            first = tool(index, call_id=call_id, name=name, args=pieces[0])
+            queues.append([first, *(tool(index, args=p) for p in pieces[1:])])
+        fragments = [f for q in queues for f in q] if style == "reused" else interleave(draw, queues)
+        while fragments:
+            take = draw(st.integers(1, min(2, len(fragments)))) if style != "reused" else 1
+            chunks.append(chunk({"tool_calls": fragments[:take]}))
+            fragments = fragments[take:]
+    usage = {"prompt_tokens": 77, "completion_tokens": 11, "total_tokens": 88}
+    chunks.append(chunk(final_delta, finish=finish, usage=usage if usage_mode == "finish" else None))
+    if usage_mode == "separate":
+        chunks.append({"id": "7", "object": "chat.completion.chunk", "choices": [], "usage": usage})
+
+    # The expected message, computed from the script alone.
+    runs: list[list[str]] = []
+    for kind, s in segments:
+        if not s or (kind == "thinking" and not thinking):
+            continue
+        if runs and runs[-1][0] == kind:
+            runs[-1][1] += s
+        else:
+            runs.append([kind, s])
+    merged: list[list[str]] = []
+    for kind, s in runs:
+        if kind == "text" and s.isspace():
+            continue  # whitespace-only text never makes a block
+        if merged and merged[-1][0] == kind:
+            merged[-1][1] += s
+        else:
+            merged.append([kind, s])
+    expected = [
+        {"type": "text", "text": s} if kind == "text" else {"type": "thinking", "thinking": s, "signature": ""}
+        for kind, s in merged
+    ]
+    expected += [{"type": "tool_use", "id": c, "name": n, "input": a} for c, n, a in calls]
+    reason = (
+        "max_tokens" if finish == "length" else "tool_use" if calls else "refusal" if finish == "content_filter" else "end_turn"
+    )
+    return {"chunks": chunks, "thinking": thinking, "expected": expected, "reason": reason, "usage": usage_mode != "none"}
+
+
+@PROPERTY_SETTINGS
+@given(upstream())
+def test_property_any_upstream_shape_gives_the_same_message(script: dict[str, Any]) -> None:
+    events, translator = run([*script["chunks"], "DONE"], thinking=script["thinking"])
+    assert translator.done
+    message = sdk_message(events)
+    assert blocks(message) == script["expected"]
+    assert message.stop_reason == script["reason"]
+    if script["usage"]:
+        assert (message.usage.input_tokens, message.usage.output_tokens) == (77, 11)
+
+
+def first_stop(full: str, stops: list[str]) -> tuple[int, str] | None:
+    """Oracle: scan prefixes; the first sequence to complete wins, the longer one on a tie."""
+    for end in range(1, len(full) + 1):
+        for seq in sorted(stops, key=len, reverse=True):
+            if full[:end].endswith(seq):
+                return end - len(seq), seq
+    return None
+
+
+@PROPERTY_SETTINGS
+@given(st.data(), st.text("abEND \n", max_size=30), st.lists(st.text("abEND", min_size=1, max_size=4), min_size=1, max_size=3))
+def test_property_stop_sequences_across_any_chunking(data: st.DataObject, full: str, stops: list[str]) -> None:
+    pieces = split(data.draw, full)
+    translator = StreamTranslator(model="m", stop_sequences=stops)
+    events: list[Event] = []
+    for piece in pieces:
+        events += translator.feed(text(piece))
+    events += translator.feed(chunk(finish="stop")) + translator.finish(saw_done=True)
+    check_grammar(events)
+    message = sdk_message(events)
+    hit = first_stop(full, stops)
+    visible = full if hit is None else full[: hit[0]]
+    assert blocks(message) == ([{"type": "text", "text": visible}] if visible and not visible.isspace() else [])
+    assert message.stop_sequence == (None if hit is None else hit[1])
+    assert message.stop_reason == ("end_turn" if hit is None else "stop_sequence")
+
+
+@PROPERTY_SETTINGS
+@given(st.data(), st.lists(st.tuples(st.sampled_from([None, "message", "other"]), st.text(max_size=20)), max_size=5), st.booleans())
+def test_property_sse_decoder_survives_any_fragmentation(
+    data: st.DataObject, sent: list[tuple[str | None, str]], crlf: bool
+) -> None:
+    newline = "\r\n" if crlf else "\n"
+    wire = ":keep-alive" + newline + newline
+    expected = []
+    for name, payload in sent:
+        lines = payload.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        wire += (f"event:{name}{newline}" if name else "") + "".join(f"data:{line}{newline}" for line in lines) + newline
+        expected.append((name, "\n".join(lines)))
+    raw = wire.encode()
+    decoder = SSEDecoder()
+    got: list[tuple[str | None, str]] = []
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(raw)), max_size=8)))
+    for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True):
+        got += decoder.feed(raw[a:b])
+    got += decoder.close()
+    assert got == expected

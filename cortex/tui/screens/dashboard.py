@@ -71,9 +71,7 @@ class DashboardScreen(Screen[None]):
             yield SparkPanel(id="spark-tok")
             yield SparkPanel(id="spark-ttft")
         yield FleetTable(REQUEST_COLUMNS, cursor=False, id="requests")
-        yield Input(
-            placeholder="filter nodes, models and requests (Enter keeps it, Esc clears it)", id="filter"
-        )
+        yield Input(placeholder="filter nodes, models and requests (Enter keeps it, Esc clears it)", id="filter")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
@@ -104,24 +102,16 @@ class DashboardScreen(Screen[None]):
         view = (int(now), self.needle, self.sorts["nodes"], self.sorts["models"])
         if snap is not self._drawn_snap or view != self._drawn_view:
             self._drawn_snap, self._drawn_view = snap, view
-            self.query_one(FleetHeader).show(
-                header_line(snap, now, address=self.address, read_only=self.read_only)
-            )
+            self.query_one(FleetHeader).show(header_line(snap, now, address=self.address, read_only=self.read_only))
             self.query_one("#nodes", FleetTable).sync(
                 node_rows(snap, now, needle=self.needle, sort=self.sorts["nodes"])
             )
             self.query_one("#models", FleetTable).sync(
                 model_rows(snap, now, needle=self.needle, sort=self.sorts["models"])
             )
-        if (
-            self._requests is None
-            or self._requests[0] is not snap.requests
-            or self._requests[1] != self.needle
-        ):
+        if self._requests is None or self._requests[0] is not snap.requests or self._requests[1] != self.needle:
             self._requests = (snap.requests, self.needle)
-            self.query_one("#requests", FleetTable).sync(
-                request_rows(snap.requests, self.tz, needle=self.needle)
-            )
+            self.query_one("#requests", FleetTable).sync(request_rows(snap.requests, self.tz, needle=self.needle))
         self._show_sparks()
 
     def _show_sparks(self) -> None:
@@ -130,27 +120,19 @@ class DashboardScreen(Screen[None]):
         selected = selection_stats(self._snap, self.selection)
         (tok_caption, ttft_caption) = spark_captions(selected)
         stats = None if selected is None else selected[1]
-        self.query_one("#spark-tok", SparkPanel).show(
-            tok_caption, () if stats is None else stats.tok_s_series
-        )
-        self.query_one("#spark-ttft", SparkPanel).show(
-            ttft_caption, () if stats is None else stats.ttft_series
-        )
+        self.query_one("#spark-tok", SparkPanel).show(tok_caption, () if stats is None else stats.tok_s_series)
+        self.query_one("#spark-ttft", SparkPanel).show(ttft_caption, () if stats is None else stats.ttft_series)
 
     def _titles(self) -> None:
         suffix = f" · filter: {self.needle}" if self.needle else ""
         for table_id in ("nodes", "models"):
-            self.query_one(
-                f"#{table_id}", FleetTable
-            ).border_title = f"{table_id} · by {self.sorts[table_id]}{suffix}"
+            self.query_one(f"#{table_id}", FleetTable).border_title = f"{table_id} · by {self.sorts[table_id]}{suffix}"
 
     def cycle_sort(self) -> str:
         """Switch the focused table to its next sort order; returns what it is now sorted by."""
         keys = list(NODE_SORTS if self.table_id == "nodes" else MODEL_SORTS)
         current = self.sorts[self.table_id]
-        self.sorts[self.table_id] = (
-            keys[(keys.index(current) + 1) % len(keys)] if current in keys else keys[0]
-        )
+        self.sorts[self.table_id] = keys[(keys.index(current) + 1) % len(keys)] if current in keys else keys[0]
         self._titles()
         self._redraw()
         return f"{self.table_id} sorted by {self.sorts[self.table_id]}"

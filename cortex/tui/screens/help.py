@@ -12,14 +12,15 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from cortex.tui.render import Cell
 from cortex.tui.widgets.tone import tone_content
 
 __all__ = ["HelpScreen"]
 
 WIDGET_KEYS = (
-    ("tab", "switch between the nodes and the models table (the selection follows the focus)"),
+    ("tab", "switch between the nodes and models tables (the selection follows)"),
     ("↑ ↓", "move the selection"),
-    ("enter", "details of the selected node or model: every field, its slots, its agent's GPUs"),
+    ("enter", "details of the selected node or model: fields, slots, agent GPUs"),
     ("esc", "close a screen or dialog; clear the filter"),
 )
 
@@ -47,7 +48,7 @@ class HelpScreen(ModalScreen[None]):
         self._read_only = read_only
 
     def compose(self) -> ComposeResult:
-        lines: list[tuple[tuple[str, str], ...]] = [(("keys", "accent"),)]
+        lines: list[Cell] = []
         for binding in self._keymap:
             text = binding.tooltip or binding.description
             lines.append(((f" {key_name(binding):>6}  ", "accent"), (text, "")))
@@ -55,7 +56,8 @@ class HelpScreen(ModalScreen[None]):
             lines.append(((f" {key:>6}  ", "accent"), (text, "")))
         if self._read_only:
             lines.append((("read-only console: p u r d R only say why they are disabled", "warning"),))
-        with VerticalScroll():
+        with VerticalScroll() as scroll:
+            scroll.border_title = "help · esc closes"
             yield Static(tone_content(lines), id="keys")
 
     def action_close(self) -> None:
