@@ -58,7 +58,10 @@ def parse_listen(value: str) -> tuple[str, int]:
         raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8000")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-        ipaddress.IPv6Address(host)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address (expected [ADDR]:PORT)") from None
     try:
         port = int(port_text)
     except ValueError:

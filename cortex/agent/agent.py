@@ -140,9 +140,7 @@ class Agent:
                             await task
         finally:
             await asyncio.to_thread(self._nvml.close)
-        log.info(
-            "agent for node %r stopped after %d accepted reports", self.config.node, self.reports_accepted
-        )
+        log.info("agent for node %r stopped after %d accepted reports", self.config.node, self.reports_accepted)
 
     # -- reporting --------------------------------------------------------------------------------------
 
@@ -173,6 +171,7 @@ class Agent:
 
     async def build_report(self, session: aiohttp.ClientSession) -> Report:
         """Read the GPUs and the local mistralrs (concurrently) into one report."""
+        started = self._clock()  # the report's time: every figure in it was read after this moment
         gpu_task = asyncio.create_task(asyncio.to_thread(self._nvml.read))
         try:
             mistralrs = await self._poll_mistralrs(session)
@@ -181,7 +180,7 @@ class Agent:
         return Report(
             node=self.config.node,
             agent_version=__version__,
-            time=self._clock(),
+            time=started,
             interval_s=self.config.interval_s,
             nvml=reading.nvml,
             gpus=list(reading.gpus),
@@ -302,9 +301,7 @@ class Agent:
             while len(self._handled) > _MAX_HANDLED_IDS:
                 self._handled.popitem(last=False)
             if command.kind not in COMMAND_KINDS:
-                log.warning(
-                    "gateway sent an unknown command kind %r (id %s); not run", command.kind, command.id
-                )
+                log.warning("gateway sent an unknown command kind %r (id %s); not run", command.kind, command.id)
                 now = self._clock()
                 self._add_result(
                     CommandReport(
@@ -323,9 +320,7 @@ class Agent:
         while True:
             command = await self._commands.get()
             log.info("running the restart command %r (command %s)", self.config.restart_argv[0], command.id)
-            result = await run_command(
-                self.config.restart_argv, self.config.restart_timeout_s, clock=self._clock
-            )
+            result = await run_command(self.config.restart_argv, self.config.restart_timeout_s, clock=self._clock)
             if result.error:
                 log.error("restart command %s failed: %s", command.id, result.error)
             else:
@@ -361,9 +356,7 @@ def _parse_models(data: Any) -> tuple[list[ModelReport], str]:
         model_id, status = entry.get("id"), entry.get("status")
         if not isinstance(model_id, str) or model_id == "default" or not model_id:
             continue
-        models.append(
-            ModelReport(id=model_id[:512], status=status[:512] if isinstance(status, str) else "unknown")
-        )
+        models.append(ModelReport(id=model_id[:512], status=status[:512] if isinstance(status, str) else "unknown"))
     return models, ""
 
 

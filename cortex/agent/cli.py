@@ -82,9 +82,7 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("gpus", "0,1", "NVML indices of the GPUs to report (default: every GPU)")
     add("interval", "S", f"seconds between reports (default {_DEFAULT_INTERVAL_S:g}, as poll.interval_s)")
-    add(
-        "restart_timeout", "S", f"seconds before a restart is killed (default {_DEFAULT_RESTART_TIMEOUT_S:g})"
-    )
+    add("restart_timeout", "S", f"seconds before a restart is killed (default {_DEFAULT_RESTART_TIMEOUT_S:g})")
     add(
         "max_backoff",
         "S",
@@ -213,9 +211,7 @@ def _gpus(value: str | None) -> tuple[int, ...] | None:
     return tuple(out)
 
 
-def _seconds(
-    values: Mapping[str, str | None], dest: str, default: float, *, upper: float | None = None
-) -> float:
+def _seconds(values: Mapping[str, str | None], dest: str, default: float, *, upper: float | None = None) -> float:
     value = values[dest]
     if value is None:
         return default

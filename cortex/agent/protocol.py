@@ -112,7 +112,7 @@ class Report(_Wire):
     node: _Short
     agent_version: _Short = ""
     time: float
-    """The agent's wall clock when it built the report (informational; the gateway uses its own)."""
+    """The agent's wall clock when it started reading (informational; the gateway uses its own)."""
     interval_s: float = Field(gt=0, le=3600)
     """Seconds between reports; the gateway calls a report stale after three of them."""
     nvml: bool

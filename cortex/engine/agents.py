@@ -132,9 +132,7 @@ class AgentHub:
             return 404, _error(f"unknown node {node!r}", "not_found_error")
         if entry.token_digest is None:
             log.warning("refused an agent report for node %r: its agent_token is empty", node)
-            return 401, _error(
-                f"agent reports for node {node!r} are disabled (no agent_token)", "authentication_error"
-            )
+            return 401, _error(f"agent reports for node {node!r} are disabled (no agent_token)", "authentication_error")
         presented = _bearer(authorization)
         if presented is None or not hmac.compare_digest(_digest(presented), entry.token_digest):
             log.warning("refused an agent report for node %r: missing or wrong token", node)
@@ -145,9 +143,7 @@ class AgentHub:
             problems = "; ".join(format_validation_error(exc)[:5])
             return 400, _error(f"malformed report: {problems}", "invalid_request_error")
         if report.node != node:
-            return 400, _error(
-                f"report is for node {report.node!r}, sent to {node!r}", "invalid_request_error"
-            )
+            return 400, _error(f"report is for node {report.node!r}, sent to {node!r}", "invalid_request_error")
 
         last_command = entry.seen.last_command if entry.seen is not None else None
         for result in report.results:
@@ -158,9 +154,7 @@ class AgentHub:
             elif pending is None:
                 log.info("agent of %r reported command %s, which nobody waits for any more", node, result.id)
         published = entry.seen.published if entry.seen is not None else None
-        entry.seen = _Seen(
-            report=report, seen_at=self._clock(), last_command=last_command, published=published
-        )
+        entry.seen = _Seen(report=report, seen_at=self._clock(), last_command=last_command, published=published)
         self._publish(node, entry)
 
         for pending in entry.pending.values():
@@ -234,11 +228,7 @@ class AgentHub:
         try:
             result = await asyncio.wait_for(asyncio.shield(pending.future), timeout_s)
         except TimeoutError:
-            where = (
-                "took the command but reported no result"
-                if pending.handed_out
-                else "did not fetch the command"
-            )
+            where = "took the command but reported no result" if pending.handed_out else "did not fetch the command"
             return RestartOutcome(
                 ok=False,
                 message=f"restart of {node}: the agent {where} within {timeout_s:g} s",
@@ -261,9 +251,7 @@ class AgentHub:
             fresh=now - seen.seen_at < STALE_AFTER_INTERVALS * report.interval_s,
             mistralrs_up=report.mistralrs.up,
             gpus=tuple(
-                GpuInfo(
-                    index=g.index, name=g.name, total_mb=g.total_mb, used_mb=g.used_mb, util_pct=g.util_pct
-                )
+                GpuInfo(index=g.index, name=g.name, total_mb=g.total_mb, used_mb=g.used_mb, util_pct=g.util_pct)
                 for g in report.gpus
             ),
             nvml=report.nvml,

@@ -71,6 +71,11 @@ class NodeRec:
         self.version = ""
         self.in_flight = 0
         self.cycles = 0
+        self.load_floor: dict[str, int] = {}
+        """model → the used MiB the node reported when cortex began loading it, less its victims' footprints.
+
+        Until the device shows a load's weights, the node's used memory is at least this plus the footprints
+        of the loads in progress, whatever the report says (see :meth:`Fleet.vram`)."""
 
     @property
     def status(self) -> NodeStatus:
@@ -247,17 +252,37 @@ class Fleet:
     def vram(self, node: NodeRec) -> tuple[int, int, str]:
         """(total, used, source) in MiB: the agent while fresh, else system info, else the estimate.
 
-        A reported figure is never taken below the estimate of what cortex knows is resident, so a load
-        in progress (whose weights the device may not show yet) is already counted.
+        A reported figure is never taken below the estimate of what cortex knows is resident, nor, while
+        cortex loads models there, below the report at the start of those loads plus their footprints: the
+        device may not show a load's weights yet, and the report holds memory the estimate cannot see (the
+        CUDA context, models of unknown footprint), so two loads placed side by side are both counted.
         """
         total = node.settings.vram_mb
         estimate = self.estimate_used(node)
         agent = self.agent_vram(node.name)
         if agent is not None:
-            return agent[0] or total, max(agent[1], estimate), "agent"
+            return agent[0] or total, max(agent[1], estimate, self._loading_floor(node)), "agent"
         if node.sys_used_mb is not None:
-            return node.sys_total_mb or total, max(node.sys_used_mb, estimate), "system_info"
+            return node.sys_total_mb or total, max(node.sys_used_mb, estimate, self._loading_floor(node)), "system_info"
         return total, estimate, "estimate"
+
+    def _loading_floor(self, node: NodeRec) -> int:
+        if not node.load_floor:
+            return 0
+        pending = sum(
+            self.footprint(s.model_id) or 0 for s in node.slots.values() if s.state is SlotState.LOADING
+        )
+        return max(node.load_floor.values()) + pending
+
+    def begin_load(self, node: NodeRec, model_id: str, victims: tuple[str, ...]) -> None:
+        """Mark ``model_id`` LOADING and its ``victims`` UNLOADING on ``node``, with no await in between."""
+        reported = self.reported_used(node)
+        self.set_slot(node, model_id, SlotState.LOADING)
+        for victim in victims:
+            self.set_slot(node, victim, SlotState.UNLOADING)
+        if reported is not None:
+            node.load_floor[model_id] = max(0, reported - sum(self.footprint(v) or 0 for v in victims))
+            self.touch()
 
     def reported_used(self, node: NodeRec) -> int | None:
         """The used figure the node (or its agent) reports, without the estimate; None when none."""
@@ -282,6 +307,8 @@ class Fleet:
             slot.loaded_at = now
         elif state is not SlotState.LOADED:
             slot.loaded_at = None
+        if state is not SlotState.LOADING:
+            node.load_floor.pop(model_id, None)
         self.touch()
         return slot
 

@@ -265,9 +265,7 @@ class Lifecycle:
         fleet = self.fleet
         started_wall = fleet.clock()
         fleet.loading[model] = (node.name, started_wall)
-        fleet.set_slot(node, model, SlotState.LOADING)
-        for victim in victims:
-            fleet.set_slot(node, victim, SlotState.UNLOADING)
+        fleet.begin_load(node, model, victims)
         self.bus.publish(ModelLoading(node.name, model))
         started = time.monotonic()
         error: str | None = None
@@ -279,7 +277,7 @@ class Lifecycle:
             if error is None and victims:
                 node.cycles += 1
                 self.metrics.cycle(node.name)
-                await self._wait_memory(node, fleet.footprint(model) or 0)
+                await self._wait_memory(node, model)
             if error is None:
                 error = await self._reload(node, model)
         except asyncio.CancelledError:
@@ -349,26 +347,26 @@ class Lifecycle:
                 self.fleet.touch()
         return self.fleet.reported_used(node)
 
-    async def _wait_memory(self, node: NodeRec, need_mb: int) -> None:
-        """After unloading, wait (bounded) until the node reports room for ``need_mb``."""
-        budget = node.settings.vram_mb - self.settings.eviction.headroom_mb
+    async def _wait_memory(self, node: NodeRec, model: str) -> None:
+        """After unloading, wait (bounded) until the node reports room for ``model``.
+
+        Room means both: the device's reported use plus the model's footprint fits the budget (the victims'
+        memory is really free), and cortex's own count, which already holds this load and any other load in
+        progress on the node, fits it.
+        """
+        need_mb = self.fleet.footprint(model) or 0
         deadline = time.monotonic() + self.memory_wait_s
         while True:
             used = await self._fresh_used(node)
             if used is None:
                 return
-            resident = self.fleet.estimate_used(node) - (self.fleet.footprint(self._loading_on(node)) or 0)
-            if max(used, resident) + need_mb <= budget or time.monotonic() >= deadline:
+            total, counted, _ = self.fleet.vram(node)
+            budget = total - self.settings.eviction.headroom_mb
+            if max(used + need_mb, counted) <= budget or time.monotonic() >= deadline:
                 if time.monotonic() >= deadline:
                     log.warning("%s: memory not released after %.0f s; loading anyway", node.name, self.memory_wait_s)
                 return
             await asyncio.sleep(0.2)
-
-    def _loading_on(self, node: NodeRec) -> str:
-        for model, (name, _) in self.fleet.loading.items():
-            if name == node.name:
-                return model
-        return ""
 
     async def unload_on(self, node: NodeRec, model: str, reason: str, *, marked: bool = False) -> str | None:
         """Unload a model from a node. Returns None on success, else the error."""
@@ -399,18 +397,25 @@ class Lifecycle:
         if node.name in self.defragging:
             return
         fleet = self.fleet
-        budget = node.settings.vram_mb - self.settings.eviction.headroom_mb
-        _, used, _ = fleet.vram(node)
+        total, used, _ = fleet.vram(node)
+        budget = total - self.settings.eviction.headroom_mb
         if used > budget:
             snap = fleet.snapshot().node(node.name)
-            extras = [
-                s
-                for s in (snap.slots if snap else ())
-                if s.state is SlotState.LOADED and not s.pinned and s.in_flight == 0
-            ]
+            extras = [s for s in (snap.slots if snap else ()) if s.state is SlotState.LOADED]
             for slot in victim_order(extras, strategy="lru", priorities=fleet.priorities):
                 if used <= budget:
                     break
+                # Checked on the live record right before the unload: the awaits of earlier unloads may have
+                # let a request, a queue or a pin claim this model since the snapshot.
+                live = node.slots.get(slot.model_id)
+                if (
+                    live is None
+                    or live.state is not SlotState.LOADED
+                    or live.in_flight > 0
+                    or fleet.queued.get(slot.model_id, 0) > 0
+                    or fleet.is_pinned(node.name, slot.model_id)
+                ):
+                    continue
                 if await self.unload_on(node, slot.model_id, "reconcile") is None:
                     used -= slot.vram_mb or 0
                     with contextlib.suppress(NodeError):
@@ -501,7 +506,12 @@ class Lifecycle:
                 models = await node.client.models()
                 fleet.poll_ok(node, models, await node.client.system_info())
             for model, slot in list(node.slots.items()):
-                if slot.state is SlotState.LOADED and model not in keep:
+                if (
+                    slot.state is SlotState.LOADED
+                    and model not in keep
+                    and slot.in_flight == 0
+                    and not fleet.is_pinned(node.name, model)
+                ):
                     await self.unload_on(node, model, reason)
             await self.load_pins(node)
             node.cycles = 0

@@ -17,7 +17,11 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from cortex.config import parse_listen
+from cortex.errors import Unauthorized
 from cortex.proxy.admin import add_admin_routes
+from cortex.proxy.anthropic import AnthropicError
+from cortex.proxy.anthropic_handler import add_anthropic_routes, anthropic_error_response, anthropic_models
+from cortex.proxy.common import check_api_key
 from cortex.proxy.errors import openai_error
 from cortex.proxy.openai import handle_openai, models_payload
 
@@ -50,21 +54,18 @@ def create_app(engine: Engine) -> web.Application:
         app.router.add_post(path, inference(path))
 
     async def list_models(request: web.Request) -> web.StreamResponse:
-        from cortex.proxy.common import check_api_key
-
         anthropic = "anthropic-version" in request.headers
         try:
             check_api_key(request, keys)
-        except Exception as exc:  # Unauthorized
+        except Unauthorized as exc:
             if anthropic:
-                from cortex.proxy.anthropic_handler import anthropic_error_response
-
-                return anthropic_error_response(401, "authentication_error", str(exc))
-            return openai_error(401, str(exc), code="invalid_api_key")
+                return anthropic_error_response(401, "authentication_error", exc.message)
+            return openai_error(401, exc.message, code="invalid_api_key")
         if anthropic:
-            from cortex.proxy.anthropic_handler import anthropic_models
-
-            return web.json_response(anthropic_models(engine))
+            try:
+                return web.json_response(anthropic_models(engine, request.query))
+            except AnthropicError as err:
+                return anthropic_error_response(err.status, err.type, err.message)
         return web.json_response(models_payload(engine))
 
     async def health(_request: web.Request) -> web.StreamResponse:
@@ -78,10 +79,7 @@ def create_app(engine: Engine) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
-    with contextlib.suppress(ImportError):
-        from cortex.proxy.anthropic_handler import add_anthropic_routes
-
-        add_anthropic_routes(app, engine, keys)
+    add_anthropic_routes(app, engine, keys)
     add_admin_routes(app, engine)
     if not settings.metrics_listen:
         app.router.add_get("/metrics", make_aiohttp_handler(registry=engine.metrics.registry))

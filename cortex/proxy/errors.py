@@ -48,9 +48,10 @@ def openai_error_for(exc: CortexError, headers: dict[str, str] | None = None) ->
     if exc.retry_after is not None:
         extra["Retry-After"] = str(int(exc.retry_after))
     code = {404: "model_not_found", 503: "unavailable", 502: "upstream_error"}.get(exc.status)
-    return openai_error(
-        exc.status, exc.message, exc.kind, param="model" if exc.status == 404 else None, code=code, headers=extra
-    )
+    param: str | None = getattr(exc, "param", None)  # BadRequest names the offending field
+    if param is None and exc.status == 404:
+        param = "model"
+    return openai_error(exc.status, exc.message, exc.kind, param=param, code=code, headers=extra)
 
 
 @dataclass(frozen=True, slots=True)

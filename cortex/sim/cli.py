@@ -26,6 +26,9 @@ logger = logging.getLogger("cortex.sim")
 DEFAULT_MODEL = ("sim-model", 4096)
 """The model served when no ``--model`` is given."""
 
+DEFAULT_MB = 4096
+"""Weight size of a model named only by ``--unloaded ID``."""
+
 
 def _model_spec(text: str) -> tuple[str, int]:
     """Parse ``ID=MB``."""
@@ -62,7 +65,7 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="ID",
-        help="a --model that starts unloaded (repeatable; ID=MB also declares it)",
+        help=f"a model that starts unloaded (repeatable; ID=MB or ID alone declares it, {DEFAULT_MB} MiB)",
     )
     parser.add_argument("--load-s", type=float, default=0.5, help="seconds per model load (default: %(default)s)")
     parser.add_argument(
@@ -84,21 +87,18 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
 def build_node(args: argparse.Namespace) -> SimNode:
     """The node described by parsed ``args`` (not started).
 
+    An ``--unloaded`` id that no ``--model`` declares is added (``ID=MB``, or :data:`DEFAULT_MB`).
+
     Raises:
-        ValueError: An ``--unloaded`` id names no model, or a model id repeats.
+        ValueError: A model id is declared twice.
     """
-    specs: list[tuple[str, int]] = list(args.models or [DEFAULT_MODEL])
+    specs: list[tuple[str, int]] = list(args.models or ([] if args.unloaded else [DEFAULT_MODEL]))
     unloaded: set[str] = set()
     for item in args.unloaded:
-        if "=" in item:
-            spec = _model_spec(item)
-            specs.append(spec)
-            unloaded.add(spec[0])
-        else:
-            unloaded.add(item)
-    missing = unloaded - {mid for mid, _ in specs}
-    if missing:
-        raise ValueError(f"--unloaded names no --model: {', '.join(sorted(missing))}")
+        model_id, mb = _model_spec(item) if "=" in item else (item, DEFAULT_MB)
+        if model_id not in {mid for mid, _ in specs}:
+            specs.append((model_id, mb))
+        unloaded.add(model_id)
     node = SimNode(
         [SimModel(mid, mb, loaded=mid not in unloaded) for mid, mb in specs],
         name=args.name,

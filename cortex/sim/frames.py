@@ -10,6 +10,7 @@ pre-encodes everything around the token text once per request and each token cos
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import Any
 
 from cortex.sim.textgen import ToolCall
@@ -29,6 +30,12 @@ def dumps(obj: object) -> str:
 def sse(obj: object) -> bytes:
     """One SSE data frame, ``data:<compact json>`` and a blank line (axum writes no space after the colon)."""
     return b"data:" + dumps(obj).encode() + b"\n\n"
+
+
+@lru_cache(maxsize=8192)
+def _json_string(piece: str) -> bytes:
+    """A token piece as a JSON string literal; cached, since generated text repeats a small vocabulary."""
+    return json.dumps(piece, ensure_ascii=False).encode()
 
 
 def _f32(value: float) -> float:
@@ -128,7 +135,7 @@ class ChunkEncoder:
 
     def content(self, piece: str) -> bytes:
         """A plain content (chat) or text (completions) chunk: the hot path."""
-        return self._prefix + json.dumps(piece, ensure_ascii=False).encode() + self._suffix
+        return self._prefix + _json_string(piece) + self._suffix
 
     def chat_chunk(
         self,

@@ -38,8 +38,10 @@ def test_flags_build_the_described_node() -> None:
 def test_defaults_and_bad_specs() -> None:
     node = build_node(parse())
     assert (node.host, node.port, node.models.loaded_ids()) == ("127.0.0.1", 1234, ["sim-model"])
-    with pytest.raises(ValueError, match="names no --model"):
-        build_node(parse("--unloaded", "ghost"))
+    node = build_node(parse("--model", "a=10", "--unloaded", "ghost"))
+    assert node.models.listing() == [("a", "loaded"), ("ghost", "unloaded")]
+    with pytest.raises(ValueError, match="duplicate"):
+        build_node(parse("--model", "a=10", "--model", "a=20"))
     with pytest.raises(SystemExit):
         parse("--model", "no-size")
 
@@ -52,13 +54,16 @@ async def test_process_loads_then_binds_serves_and_stops_on_sigterm() -> None:
     )  # fmt: skip
     assert proc.stderr is not None
     try:
-        started = time.monotonic()
+        lines: list[tuple[float, str]] = []
         match = None
         while match is None:
             line = await asyncio.wait_for(proc.stderr.readline(), 10)
             assert line, "the process exited before binding"
-            match = READY.search(line.decode())
-        assert time.monotonic() - started >= 0.2  # both models loaded before the port was bound
+            lines.append((time.monotonic(), line.decode()))
+            match = READY.search(lines[-1][1])
+        loads = [(at, text) for at, text in lines if "loading" in text]
+        assert [text.split()[-1] for _, text in loads] == ["m1", "m2"]  # sequential, in order
+        assert lines[-1][0] - loads[0][0] >= 0.18  # two 0.1 s loads before the port was bound
         assert match.group(1) == "p1"
         url = match.group(2)
         async with aiohttp.ClientSession() as http:

@@ -344,7 +344,11 @@ TOOLS = [{"name": "Read", "input_schema": {"type": "object"}}, {"name": "Bash", 
         ({"type": "any"}, TOOLS, {"tool_choice": "required"}),
         ({"type": "tool", "name": "Bash"}, TOOLS, {"tool_choice": {"type": "function", "function": {"name": "Bash"}}}),
         ({"type": "none"}, TOOLS, {"tool_choice": "none"}),
-        ({"type": "auto", "disable_parallel_tool_use": True}, TOOLS, {"tool_choice": "auto", "parallel_tool_calls": False}),
+        (
+            {"type": "auto", "disable_parallel_tool_use": True},
+            TOOLS,
+            {"tool_choice": "auto", "parallel_tool_calls": False},
+        ),
         ({"type": "any"}, [], {}),
         ({"type": "auto"}, [{"type": "bash_20250124", "name": "bash"}], {}),
     ],
@@ -386,15 +390,48 @@ def test_conformance_c11_clamp_thinking_top_k() -> None:
     [
         (None, None, "mistralrs", {}, False),
         ({"type": "disabled"}, {"effort": "high"}, "mistralrs", {"enable_thinking": False}, False),
-        ({"type": "enabled", "budget_tokens": 8000}, None, "mistralrs", {"enable_thinking": True, "reasoning_effort": "medium"}, True),
-        ({"type": "enabled", "budget_tokens": 20000}, None, "mistralrs", {"enable_thinking": True, "reasoning_effort": "high"}, True),
-        ({"type": "adaptive", "display": "omitted"}, {"effort": "medium"}, "mistralrs", {"enable_thinking": True, "reasoning_effort": "medium"}, False),
-        ({"type": "adaptive"}, {"effort": "max"}, "mistralrs", {"enable_thinking": True, "reasoning_effort": "xhigh"}, True),
+        (
+            {"type": "enabled", "budget_tokens": 8000},
+            None,
+            "mistralrs",
+            {"enable_thinking": True, "reasoning_effort": "medium"},
+            True,
+        ),
+        (
+            {"type": "enabled", "budget_tokens": 20000},
+            None,
+            "mistralrs",
+            {"enable_thinking": True, "reasoning_effort": "high"},
+            True,
+        ),
+        (
+            {"type": "adaptive", "display": "omitted"},
+            {"effort": "medium"},
+            "mistralrs",
+            {"enable_thinking": True, "reasoning_effort": "medium"},
+            False,
+        ),
+        (
+            {"type": "adaptive"},
+            {"effort": "max"},
+            "mistralrs",
+            {"enable_thinking": True, "reasoning_effort": "xhigh"},
+            True,
+        ),
         ({"type": "adaptive"}, {"effort": "xhigh"}, "openai", {"reasoning_effort": "high"}, True),
         (None, {"effort": "low"}, "mistralrs", {"reasoning_effort": "low"}, False),
     ],
-    ids=["absent", "disabled", "budget-medium", "budget-high", "claude-code-omitted", "max-mistralrs", "xhigh-openai", "effort-only"],
-)  # fmt: skip
+    ids=[
+        "absent",
+        "disabled",
+        "budget-medium",
+        "budget-high",
+        "claude-code-omitted",
+        "max-mistralrs",
+        "xhigh-openai",
+        "effort-only",
+    ],
+)
 def test_thinking_mapping(
     thinking: dict[str, Any] | None, config: dict[str, Any] | None, dialect: Any, expected: dict[str, Any], emit: bool
 ) -> None:
@@ -411,7 +448,9 @@ def test_thinking_mapping(
 
 def test_output_format_becomes_response_format() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
-    r = translate(body([{"role": "user", "content": "q"}], output_config={"format": {"type": "json_schema", "schema": schema}}))
+    r = translate(
+        body([{"role": "user", "content": "q"}], output_config={"format": {"type": "json_schema", "schema": schema}})
+    )
     assert r.body["response_format"] == {
         "type": "json_schema",
         "json_schema": {"name": "output", "schema": schema, "strict": True},
@@ -443,7 +482,9 @@ def test_missing_result_gets_synthetic_and_orphan_becomes_text() -> None:
 
 
 def test_calls_followed_by_plain_user_and_trailing_calls_get_results() -> None:
-    r = translate(body([{"role": "user", "content": "go"}, CALLS_AB, {"role": "user", "content": "never mind"}, CALLS_AB]))
+    r = translate(
+        body([{"role": "user", "content": "go"}, CALLS_AB, {"role": "user", "content": "never mind"}, CALLS_AB])
+    )
     assert roles(r) == ["user", "assistant", "tool", "tool", "user", "assistant", "tool", "tool"]
     assert {m["content"] for m in r.body["messages"] if m["role"] == "tool"} == {"(no result)"}
 
@@ -559,18 +600,51 @@ BAD: list[tuple[str, Any, str]] = [
     ("no-messages", body([]), "messages"),
     ("bad-role", body([{"role": "robot", "content": "q"}]), "role"),
     ("bad-content", body([{"role": "user", "content": 5}]), "content"),
-    ("pdf", body([{"role": "user", "content": [{"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "x"}}]}]), "PDF"),
-    ("image-file", body([{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}]), "file"),
-    ("image-bmp", body([{"role": "user", "content": [{"type": "image", "source": {**PNG, "media_type": "image/bmp"}}]}]), "image/bmp"),
+    (
+        "pdf",
+        body(
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "x"}}
+                    ],
+                }
+            ]
+        ),
+        "PDF",
+    ),
+    (
+        "image-file",
+        body([{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}]),
+        "file",
+    ),
+    (
+        "image-bmp",
+        body([{"role": "user", "content": [{"type": "image", "source": {**PNG, "media_type": "image/bmp"}}]}]),
+        "image/bmp",
+    ),
     ("safeguards", body([{"role": "user", "content": "q"}], safeguards={"x": 1}), "safeguards"),
     ("stop-not-list", body([{"role": "user", "content": "q"}], stop_sequences="END"), "stop_sequences"),
     ("temperature-string", body([{"role": "user", "content": "q"}], temperature="hot"), "temperature"),
     ("tool-without-name", body([{"role": "user", "content": "q"}], tools=[{"input_schema": {}}]), "tools.0.name"),
-    ("tool-choice-no-name", body([{"role": "user", "content": "q"}], tools=TOOLS, tool_choice={"type": "tool"}), "tool_choice"),
+    (
+        "tool-choice-no-name",
+        body([{"role": "user", "content": "q"}], tools=TOOLS, tool_choice={"type": "tool"}),
+        "tool_choice",
+    ),
     ("thinking-bogus", body([{"role": "user", "content": "q"}], thinking={"type": "sometimes"}), "thinking"),
-    ("tool-use-input-string", body([{"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "n", "input": "{}"}]}]), "input"),
-    ("tool-result-no-id", body([{"role": "user", "content": [{"type": "tool_result", "content": "x"}]}]), "tool_use_id"),
-]  # fmt: skip
+    (
+        "tool-use-input-string",
+        body([{"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "n", "input": "{}"}]}]),
+        "input",
+    ),
+    (
+        "tool-result-no-id",
+        body([{"role": "user", "content": [{"type": "tool_result", "content": "x"}]}]),
+        "tool_use_id",
+    ),
+]
 
 
 @pytest.mark.parametrize(("b", "needle"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])

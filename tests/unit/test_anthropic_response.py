@@ -72,8 +72,10 @@ USAGE = {
 
 def case_13(m: anthropic.types.Message) -> None:
     assert [b.type for b in m.content] == ["text"]
-    assert m.content[0].type == "text" and m.content[0].text == "Hi"
-    assert m.stop_reason == "end_turn" and m.stop_sequence is None
+    assert m.content[0].type == "text"
+    assert m.content[0].text == "Hi"
+    assert m.stop_reason == "end_turn"
+    assert m.stop_sequence is None
     assert (m.usage.input_tokens, m.usage.cache_read_input_tokens, m.usage.output_tokens) == (40, 60, 5)
     assert m.model == "claude-opus-5-5"
 
@@ -107,8 +109,16 @@ CASES: list[tuple[str, dict[str, Any], Callable[[anthropic.types.Message], None]
         completion(None, tool_calls=[call(""), call('{"a":1}', call_id="call_2")], finish="tool_calls"),
         case_14,
     ),
-    ("c15-stop-with-tool-calls", completion("x", tool_calls=[call("{}")], finish="stop"), reason("tool_use", ["text", "tool_use"])),
-    ("c15-length-with-tool-call", completion(None, tool_calls=[call('{"a":')], finish="length"), reason("max_tokens", ["tool_use"])),
+    (
+        "c15-stop-with-tool-calls",
+        completion("x", tool_calls=[call("{}")], finish="stop"),
+        reason("tool_use", ["text", "tool_use"]),
+    ),
+    (
+        "c15-length-with-tool-call",
+        completion(None, tool_calls=[call('{"a":')], finish="length"),
+        reason("max_tokens", ["tool_use"]),
+    ),
     ("c15-content-filter", completion("no", finish="content_filter"), reason("refusal", ["text"])),
     ("c15-canceled", completion("part", finish="canceled"), reason("end_turn", ["text"])),
     ("c15-tool-calls-without-calls", completion("x", finish="tool_calls"), reason("end_turn", ["text"])),
@@ -127,7 +137,7 @@ CASES: list[tuple[str, dict[str, Any], Callable[[anthropic.types.Message], None]
         ),
         case_16,
     ),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("response", "check"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -145,7 +155,8 @@ def test_thinking_block_first_and_only_when_enabled() -> None:
     response = completion("answer", reasoning="because", usage=USAGE)
     m = strict_message(to_anthropic_message(response, model="m", thinking=True))
     assert [b.type for b in m.content] == ["thinking", "text"]
-    assert m.content[0].type == "thinking" and m.content[0].signature == ""
+    assert m.content[0].type == "thinking"
+    assert m.content[0].signature == ""
     m = strict_message(to_anthropic_message(response, model="m", thinking=False))
     assert [b.type for b in m.content] == ["text"]
 
@@ -175,10 +186,13 @@ def test_missing_usage_is_estimated_and_whitespace_text_dropped() -> None:
     response = completion("\n\n", tool_calls=[call('{"q":"x"}', name="my_tool_ab12cd34")])
     del response["choices"][0]["logprobs"]
     m = strict_message(
-        to_anthropic_message(response, model="m", input_tokens_estimate=321, tool_aliases={"my_tool_ab12cd34": "my.tool"})
+        to_anthropic_message(
+            response, model="m", input_tokens_estimate=321, tool_aliases={"my_tool_ab12cd34": "my.tool"}
+        )
     )
     assert [b.type for b in m.content] == ["tool_use"]
-    assert m.content[0].type == "tool_use" and m.content[0].name == "my.tool"
+    assert m.content[0].type == "tool_use"
+    assert m.content[0].name == "my.tool"
     assert m.usage.input_tokens == 321
     assert m.usage.output_tokens >= 1
     assert m.usage.cache_read_input_tokens is None
@@ -188,6 +202,8 @@ def test_missing_tool_id_is_generated_and_empty_choices_are_valid() -> None:
     response = completion(None, tool_calls=[{"type": "function", "function": {"name": "T", "arguments": "{}"}}])
     m = strict_message(to_anthropic_message(response, model="m", message_id="msg_fixed"))
     assert m.id == "msg_fixed"
-    assert m.content[0].type == "tool_use" and m.content[0].id.startswith("toolu_")
+    assert m.content[0].type == "tool_use"
+    assert m.content[0].id.startswith("toolu_")
     empty = strict_message(to_anthropic_message({"choices": []}, model="m"))
-    assert empty.content == [] and empty.stop_reason == "end_turn"
+    assert empty.content == []
+    assert empty.stop_reason == "end_turn"

@@ -18,14 +18,18 @@ import pydantic
 import pytest
 from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import RawMessageStreamEvent
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cortex.proxy.anthropic import (
     DONE,
+    AnthropicError,
     Event,
     SSEDecoder,
     StreamTranslator,
     encode_event,
     encode_sse,
+    message_from_events,
     parse_data,
 )
 
@@ -116,6 +120,10 @@ def sdk_message(events: Sequence[Event]) -> anthropic.types.Message:
     assert snapshot is not None
     message = anthropic.types.Message.model_validate(snapshot.model_dump(exclude={"parsed_output"}))
     assert_no_extras(message)
+    # cortex's own fold (for non-streaming clients served from a stream) must agree with the SDK.
+    folded = anthropic.types.Message.model_validate(message_from_events(events), strict=True)
+    assert_no_extras(folded)
+    assert folded.model_dump() == message.model_dump()
     return message
 
 
@@ -136,7 +144,9 @@ def chunk(
         "created": 1760000000,
         "model": "org/model",
         "system_fingerprint": "local",
-        "choices": [{"index": 0, "delta": {"role": "assistant", **(delta or {})}, "finish_reason": finish, "logprobs": None}],
+        "choices": [
+            {"index": 0, "delta": {"role": "assistant", **(delta or {})}, "finish_reason": finish, "logprobs": None}
+        ],
         "usage": usage,
     }
 
@@ -202,15 +212,32 @@ ARGS = '{"file_path": "/x", "limit": 3}'
 
 def c17(events: list[Event], m: anthropic.types.Message) -> None:
     assert shape(events) == [
-        "message_start", "ping", "cbs(0,text)", "td", "td", "cbstop(0)", "message_delta(end_turn)", "message_stop",
-    ]  # fmt: skip
+        "message_start",
+        "ping",
+        "cbs(0,text)",
+        "td",
+        "td",
+        "cbstop(0)",
+        "message_delta(end_turn)",
+        "message_stop",
+    ]
     assert blocks(m) == [{"type": "text", "text": "Hello"}]
     assert (m.usage.input_tokens, m.usage.output_tokens) == (120, 9)
 
 
 def c18(events: list[Event], m: anthropic.types.Message) -> None:
-    assert shape(events)[2:9] == ["cbs(0,text)", "td", "cbstop(0)", "cbs(1,tool_use)", "ij", "cbstop(1)", "message_delta(tool_use)"]
-    partial = "".join(e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta" and e["index"] == 1)
+    assert shape(events)[2:9] == [
+        "cbs(0,text)",
+        "td",
+        "cbstop(0)",
+        "cbs(1,tool_use)",
+        "ij",
+        "cbstop(1)",
+        "message_delta(tool_use)",
+    ]
+    partial = "".join(
+        e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta" and e["index"] == 1
+    )
     assert json.loads(partial) == json.loads(ARGS)
     assert blocks(m)[1] == {"type": "tool_use", "id": "call_1", "name": "Read", "input": json.loads(ARGS)}
 
@@ -227,8 +254,15 @@ def c19(events: list[Event], m: anthropic.types.Message) -> None:
 
 def c20(events: list[Event], m: anthropic.types.Message) -> None:
     assert shape(events)[2:] == [
-        "cbs(0,tool_use)", "ij", "cbstop(0)", "cbs(1,tool_use)", "ij", "cbstop(1)", "message_delta(tool_use)", "message_stop",
-    ]  # fmt: skip
+        "cbs(0,tool_use)",
+        "ij",
+        "cbstop(0)",
+        "cbs(1,tool_use)",
+        "ij",
+        "cbstop(1)",
+        "message_delta(tool_use)",
+        "message_stop",
+    ]
     assert [b["input"] for b in blocks(m)] == [{"a": 1}, {"b": [2, 3]}]
     assert [b["name"] for b in blocks(m)] == ["First", "Second"]
 
@@ -244,7 +278,10 @@ def c22(events: list[Event], m: anthropic.types.Message) -> None:
 
 def c24_on(events: list[Event], m: anthropic.types.Message) -> None:
     assert shape(events)[2:8] == ["cbs(0,thinking)", "th", "th", "cbstop(0)", "cbs(1,text)", "td"]
-    assert blocks(m) == [{"type": "thinking", "thinking": "Let me think", "signature": ""}, {"type": "text", "text": "Answer"}]
+    assert blocks(m) == [
+        {"type": "thinking", "thinking": "Let me think", "signature": ""},
+        {"type": "text", "text": "Answer"},
+    ]
 
 
 def c24_off(events: list[Event], m: anthropic.types.Message) -> None:
@@ -267,7 +304,13 @@ def c31(events: list[Event], m: anthropic.types.Message) -> None:
     assert blocks(m) == [{"type": "text", "text": "late"}]
 
 
-REASONING = [chunk({"reasoning_content": "Let me "}), chunk({"reasoning_content": "think"}), text("Answer"), chunk(finish="stop", usage=USAGE), "DONE"]
+REASONING: list[Item] = [
+    chunk({"reasoning_content": "Let me "}),
+    chunk({"reasoning_content": "think"}),
+    text("Answer"),
+    chunk(finish="stop", usage=USAGE),
+    "DONE",
+]
 
 STREAM_CASES: list[tuple[str, list[Item], dict[str, Any], Callable[[list[Event], anthropic.types.Message], None]]] = [
     ("c17-text", [chunk(), text(""), text("Hel"), text("lo"), chunk(finish="stop", usage=USAGE), "DONE"], {}, c17),
@@ -296,7 +339,9 @@ STREAM_CASES: list[tuple[str, list[Item], dict[str, Any], Callable[[list[Event],
         "c19-mistralrs-whole-call-in-final-chunk",
         [
             text("Reading."),
-            chunk({"tool_calls": [tool(0, call_id="A1b2C3d4E", name="Read", args=ARGS)]}, finish="tool_calls", usage=USAGE),
+            chunk(
+                {"tool_calls": [tool(0, call_id="A1b2C3d4E", name="Read", args=ARGS)]}, finish="tool_calls", usage=USAGE
+            ),
             "DONE",
         ],
         {},
@@ -328,21 +373,35 @@ STREAM_CASES: list[tuple[str, list[Item], dict[str, Any], Callable[[list[Event],
     ),
     (
         "c22-starts-with-tool",
-        [chunk({"tool_calls": [tool(0, call_id="x", name="T", args="{}")]}), chunk(finish="tool_calls", usage=USAGE), "DONE"],
+        [
+            chunk({"tool_calls": [tool(0, call_id="x", name="T", args="{}")]}),
+            chunk(finish="tool_calls", usage=USAGE),
+            "DONE",
+        ],
         {},
         c22,
     ),
     (
         "c23-whitespace-before-tool",
-        [text("\n\n"), chunk({"tool_calls": [tool(0, call_id="x", name="T", args="{}")]}), chunk(finish="tool_calls", usage=USAGE), "DONE"],
+        [
+            text("\n\n"),
+            chunk({"tool_calls": [tool(0, call_id="x", name="T", args="{}")]}),
+            chunk(finish="tool_calls", usage=USAGE),
+            "DONE",
+        ],
         {},
         c22,
     ),
     ("c24-reasoning-thinking-on", REASONING, {"thinking": True}, c24_on),
     ("c24-reasoning-thinking-off", REASONING, {"thinking": False}, c24_off),
     ("c28-no-usage-anywhere", [text("x"), chunk(finish="stop"), "DONE"], {}, c28),
-    ("c31-pings-while-silent", ["PING", "PING", text("late"), "PING", chunk(finish="stop", usage=USAGE), "DONE"], {}, c31),
-]  # fmt: skip
+    (
+        "c31-pings-while-silent",
+        ["PING", "PING", text("late"), "PING", chunk(finish="stop", usage=USAGE), "DONE"],
+        {},
+        c31,
+    ),
+]
 
 
 @pytest.mark.parametrize(("items", "kwargs", "check"), [c[1:] for c in STREAM_CASES], ids=[c[0] for c in STREAM_CASES])
@@ -358,8 +417,23 @@ def test_c25_error_chunk_after_text() -> None:
     error = {"error": {"message": "engine failed", "type": "server_error", "param": None, "code": None}}
     events, translator = run([text("partial"), error, "DONE"])
     assert events[-1] == {"type": "error", "error": {"type": "api_error", "message": "engine failed"}}
-    assert "message_stop" not in shape(events) and "message_delta" not in shape(events)
-    assert translator.done and translator.feed(text("more")) == [] and translator.ping() == []
+    assert "message_stop" not in shape(events)
+    assert "message_delta" not in shape(events)
+    assert translator.done
+    assert translator.feed(text("more")) == []
+    assert translator.ping() == []
+
+
+def test_message_from_events_raises_the_stream_error() -> None:
+    events, _ = run([text("x"), {"error": {"message": "Prompt sequence length is greater than 99"}}])
+    with pytest.raises(AnthropicError) as info:
+        message_from_events(events)
+    assert (info.value.status, info.value.type) == (400, "invalid_request_error")
+    assert info.value.message.endswith("> 99 maximum")
+    events, _ = run([text("x"), "EOF"])
+    with pytest.raises(AnthropicError) as info:
+        message_from_events(events)
+    assert (info.value.status, info.value.type) == (500, "api_error")
 
 
 def test_c26_eof_without_finish_or_done() -> None:
@@ -374,14 +448,24 @@ def test_c26_eof_without_finish_or_done() -> None:
 def test_c29_upstream_noise_is_ignored() -> None:
     raw = (
         b": keep-alive\n\n"
-        + b"data:" + json.dumps(chunk()).encode() + b"\n\n"
-        + b"data: " + json.dumps(text("Hel")).encode() + b"\r\n\r\n"
-        + b":\n\nevent:agentic_tool_call_progress\ndata:{\"tool\":\"x\"}\n\n"
-        + b"data:" + json.dumps(text("lo")).encode() + b"\n\n"
+        + b"data:"
+        + json.dumps(chunk()).encode()
+        + b"\n\n"
+        + b"data: "
+        + json.dumps(text("Hel")).encode()
+        + b"\r\n\r\n"
+        + b':\n\nevent:agentic_tool_call_progress\ndata:{"tool":"x"}\n\n'
+        + b"data:"
+        + json.dumps(text("lo")).encode()
+        + b"\n\n"
         + b"data:\n\n"
-        + b"data:" + json.dumps(chunk(finish="stop")).encode() + b"\n\n"
-        + b'data:{"choices":[],"usage":' + json.dumps(USAGE).encode() + b"}\n\ndata:[DONE]\n\n"
-    )  # fmt: skip
+        + b"data:"
+        + json.dumps(chunk(finish="stop")).encode()
+        + b"\n\n"
+        + b'data:{"choices":[],"usage":'
+        + json.dumps(USAGE).encode()
+        + b"}\n\ndata:[DONE]\n\n"
+    )
     decoder = SSEDecoder()
     items: list[Item] = []
     for i in range(0, len(raw), 7):  # arbitrary network fragmentation
@@ -398,8 +482,10 @@ def test_c30_stop_sequence_closes_the_stream() -> None:
     translator = StreamTranslator(model="m", stop_sequences=["END"])
     events = translator.feed(text("abcE")) + translator.feed(text("NDxyz"))
     check_grammar(events)
-    assert translator.done and translator.stop_sequence == "END"  # the gateway closes the upstream now
-    assert translator.feed(text("more")) == [] and translator.finish(saw_done=True) == []
+    assert translator.done
+    assert translator.stop_sequence == "END"
+    assert translator.feed(text("more")) == []
+    assert translator.finish(saw_done=True) == []
     m = sdk_message(events)
     assert blocks(m) == [{"type": "text", "text": "abc"}]
     assert (m.stop_reason, m.stop_sequence) == ("stop_sequence", "END")
@@ -442,18 +528,32 @@ def test_nested_same_key_is_not_mistaken_for_a_resend() -> None:
 
 def test_length_with_partial_call_and_aliases() -> None:
     events, _ = run(
-        [chunk({"tool_calls": [tool(0, call_id="a", name="my_tool_1234abcd", args='{"a": [1, 2')]}, finish="length", usage=USAGE)],
+        [
+            chunk(
+                {"tool_calls": [tool(0, call_id="a", name="my_tool_1234abcd", args='{"a": [1, 2')]},
+                finish="length",
+                usage=USAGE,
+            )
+        ],
         tool_aliases={"my_tool_1234abcd": "my.tool"},
     )
     m = sdk_message(events)
     assert m.stop_reason == "max_tokens"
-    assert blocks(m)[0]["name"] == "my.tool" and blocks(m)[0]["input"] == {}
+    assert blocks(m)[0]["name"] == "my.tool"
+    assert blocks(m)[0]["input"] == {}
 
 
 def test_content_filter_cached_usage_and_interleaved_text_around_reasoning() -> None:
     usage = {"prompt_tokens": 100, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 70}}
     events, _ = run(
-        [text("a"), chunk({"reasoning": "r1"}), text("  "), chunk({"reasoning": "r2"}), text("b"), chunk(finish="content_filter", usage=usage)]
+        [
+            text("a"),
+            chunk({"reasoning": "r1"}),
+            text("  "),
+            chunk({"reasoning": "r2"}),
+            text("b"),
+            chunk(finish="content_filter", usage=usage),
+        ]
     )
     m = sdk_message(events)
     assert blocks(m) == [
@@ -480,7 +580,8 @@ def test_message_start_carries_estimate_and_choice_zero_only() -> None:
     translator = StreamTranslator(model="claude-x", input_tokens_estimate=0, message_id="msg_1")
     first = translator.ping()
     assert first[0]["message"]["usage"] == {"input_tokens": 1, "output_tokens": 0}
-    assert first[0]["message"]["model"] == "claude-x" and first[0]["message"]["id"] == "msg_1"
+    assert first[0]["message"]["model"] == "claude-x"
+    assert first[0]["message"]["id"] == "msg_1"
     other = {"choices": [{"index": 1, "delta": {"content": "ignored"}, "finish_reason": None}]}
     assert translator.feed(other) == []
 
@@ -501,7 +602,8 @@ def test_sse_decoder_line_ends_and_eof() -> None:
     assert decoder.feed(b"\ndata: 1\rdata:2\r\n\r\nid: 5\nretry: 9\ndata: x") == [("a", "1\n2")]
     assert decoder.close() == [(None, "x")]
     assert parse_data("message", " [DONE] ") == DONE
-    assert parse_data(None, "[1]") is None and parse_data(None, "{bad") is None
+    assert parse_data(None, "[1]") is None
+    assert parse_data(None, "{bad") is None
 
 
 def sdk_stream(events: Sequence[Event]) -> tuple[anthropic.types.Message, list[str]]:
@@ -519,7 +621,9 @@ def sdk_stream(events: Sequence[Event]) -> tuple[anthropic.types.Message, list[s
         return stream.get_final_message(), raw
 
 
-@pytest.mark.parametrize("case", ["c17-text", "c18-fragmented-tool", "c19-mistralrs-whole-call-in-final-chunk", "c24-reasoning-thinking-on"])
+@pytest.mark.parametrize(
+    "case", ["c17-text", "c18-fragmented-tool", "c19-mistralrs-whole-call-in-final-chunk", "c24-reasoning-thinking-on"]
+)
 def test_sdk_helper_reads_the_stream(case: str) -> None:
     items, kwargs, _ = next(c[1:] for c in STREAM_CASES if c[0] == case)
     events, _ = run(items, **kwargs)
@@ -528,7 +632,8 @@ def test_sdk_helper_reads_the_stream(case: str) -> None:
     assert final.stop_reason == sdk_message(events).stop_reason
     assert raw == [e["type"] for e in events if e["type"] != "ping"]  # the SDK swallows pings
     if case == "c17-text":
-        assert final.content[0].type == "text" and final.content[0].text == "Hello"
+        assert final.content[0].type == "text"
+        assert final.content[0].text == "Hello"
 
 
 def test_sdk_raises_on_error_event() -> None:
@@ -539,10 +644,8 @@ def test_sdk_raises_on_error_event() -> None:
 
 # --- properties: any upstream style, any re-splitting, the same final message ----------------------
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
-PIECE_TEXT = st.text(st.characters(exclude_categories=("Cs",), max_codepoint=0x1F600) | st.sampled_from(" \n\t{}\":,"), max_size=12)
+PIECE_TEXT = st.text(st.characters(codec="utf-8", max_codepoint=0x1F600) | st.sampled_from(' \n\t{}":,'), max_size=12)
 KEYS = st.from_regex(r"[a-z_][a-z0-9_]{0,7}", fullmatch=True)
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.text(max_size=8),
@@ -553,7 +656,7 @@ TOOL_ARGS = st.dictionaries(KEYS, JSON, max_size=4)
 PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def split(draw: st.DrawFn, s: str) -> list[str]:
+def split(draw: Callable[[st.SearchStrategy[set[int]]], set[int]], s: str) -> list[str]:
     """Cut ``s`` at arbitrary points (possibly none)."""
     if len(s) < 2:
         return [s]
@@ -593,7 +696,9 @@ def upstream(draw: st.DrawFn) -> dict[str, Any]:
         chunks += [chunk({field: piece}) for piece in split(draw, s)]
     final_delta: dict[str, Any] = {}
     if style == "whole":
-        final_delta["tool_calls"] = [tool(i, call_id=c, name=n, args=json.dumps(a)) for i, (c, n, a) in enumerate(calls)]
+        final_delta["tool_calls"] = [
+            tool(i, call_id=c, name=n, args=json.dumps(a)) for i, (c, n, a) in enumerate(calls)
+        ]
     else:
         queues = []
         for i, (call_id, name, args) in enumerate(calls):
@@ -632,15 +737,27 @@ def upstream(draw: st.DrawFn) -> dict[str, Any]:
             merged[-1][1] += s
         else:
             merged.append([kind, s])
-    expected = [
+    expected: list[dict[str, Any]] = [
         {"type": "text", "text": s} if kind == "text" else {"type": "thinking", "thinking": s, "signature": ""}
         for kind, s in merged
     ]
     expected += [{"type": "tool_use", "id": c, "name": n, "input": a} for c, n, a in calls]
     reason = (
-        "max_tokens" if finish == "length" else "tool_use" if calls else "refusal" if finish == "content_filter" else "end_turn"
+        "max_tokens"
+        if finish == "length"
+        else "tool_use"
+        if calls
+        else "refusal"
+        if finish == "content_filter"
+        else "end_turn"
     )
-    return {"chunks": chunks, "thinking": thinking, "expected": expected, "reason": reason, "usage": usage_mode != "none"}
+    return {
+        "chunks": chunks,
+        "thinking": thinking,
+        "expected": expected,
+        "reason": reason,
+        "usage": usage_mode != "none",
+    }
 
 
 @PROPERTY_SETTINGS
@@ -665,7 +782,11 @@ def first_stop(full: str, stops: list[str]) -> tuple[int, str] | None:
 
 
 @PROPERTY_SETTINGS
-@given(st.data(), st.text("abEND \n", max_size=30), st.lists(st.text("abEND", min_size=1, max_size=4), min_size=1, max_size=3))
+@given(
+    st.data(),
+    st.text("abEND \n", max_size=30),
+    st.lists(st.text("abEND", min_size=1, max_size=4), min_size=1, max_size=3),
+)
 def test_property_stop_sequences_across_any_chunking(data: st.DataObject, full: str, stops: list[str]) -> None:
     pieces = split(data.draw, full)
     translator = StreamTranslator(model="m", stop_sequences=stops)
@@ -683,16 +804,26 @@ def test_property_stop_sequences_across_any_chunking(data: st.DataObject, full: 
 
 
 @PROPERTY_SETTINGS
-@given(st.data(), st.lists(st.tuples(st.sampled_from([None, "message", "other"]), st.text(max_size=20)), max_size=5), st.booleans())
+@given(
+    st.data(),
+    st.lists(st.tuples(st.sampled_from([None, "message", "other"]), st.text(max_size=20)), max_size=5),
+    st.booleans(),
+    st.booleans(),
+)
 def test_property_sse_decoder_survives_any_fragmentation(
-    data: st.DataObject, sent: list[tuple[str | None, str]], crlf: bool
+    data: st.DataObject, sent: list[tuple[str | None, str]], crlf: bool, spaced: bool
 ) -> None:
+    """Any byte fragmentation decodes the same; ``data:`` with (OpenAI) or without (mistral.rs) a space."""
     newline = "\r\n" if crlf else "\n"
     wire = ":keep-alive" + newline + newline
     expected = []
     for name, payload in sent:
         lines = payload.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        wire += (f"event:{name}{newline}" if name else "") + "".join(f"data:{line}{newline}" for line in lines) + newline
+        wire += (
+            (f"event:{name}{newline}" if name else "")
+            + "".join(f"data:{' ' if spaced or line[:1] == ' ' else ''}{line}{newline}" for line in lines)
+            + newline
+        )
         expected.append((name, "\n".join(lines)))
     raw = wire.encode()
     decoder = SSEDecoder()

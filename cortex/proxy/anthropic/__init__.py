@@ -11,6 +11,27 @@ rule is unit-tested without sockets. The pieces, in request order:
 - :func:`classify_upstream_error` / :func:`upstream_chunk_error` map node failures onto the
   Anthropic envelope (:func:`envelope`).
 - :func:`count_tokens` and :func:`models_list` answer the two side endpoints.
+
+Wiring a streaming ``POST /v1/messages`` (the gateway owns sockets, timers and headers)::
+
+    req = to_openai(body, upstream_model=node_model, max_output_tokens=limit)  # AnthropicError -> HTTP
+    for warning in req.warnings: log.warning(warning)
+    tr = StreamTranslator(model=body["model"], stop_sequences=req.stop_sequences,
+                          input_tokens_estimate=req.input_tokens_estimate, thinking=req.thinking,
+                          tool_aliases=req.tool_aliases)
+    # upstream answered >= 400: classify_upstream_error(status, raw) -> HTTP error, no stream
+    for name, data in decoder.feed(raw_bytes):           # SSEDecoder; decoder.close() at EOF
+        item = parse_data(name, data)
+        if item is None: continue
+        if item == DONE: events = tr.finish(saw_done=True)
+        elif not tr.started and (err := upstream_chunk_error(item)): answer err as HTTP; stop
+        else: events = tr.feed(item)
+        write(b"".join(encode_event(e) for e in events)); if tr.done: close upstream; stop
+    # on EOF: tr.finish(); every ~10 s of upstream silence: tr.ping() (also sends message_start)
+
+A non-streaming client can be served the same way (``stream_upstream=True``) with
+:func:`message_from_events` over the events, or from a plain upstream answer with
+:func:`to_anthropic_message`.
 """
 
 from .count_tokens import count_tokens, estimate_input_tokens
@@ -26,7 +47,7 @@ from .errors import (
 )
 from .models import model_info, models_list
 from .request import OpenAIRequest, to_openai
-from .response import to_anthropic_message
+from .response import message_from_events, to_anthropic_message
 from .sse import DONE, SSEDecoder, encode_event, encode_sse, parse_data
 from .stream import Event, StreamTranslator
 
@@ -43,6 +64,7 @@ __all__ = [
     "encode_sse",
     "envelope",
     "estimate_input_tokens",
+    "message_from_events",
     "model_info",
     "models_list",
     "not_supported",

@@ -83,9 +83,7 @@ def normalize_arguments(raw: Any, *, where: str = "") -> dict[str, Any]:
             logger.warning("tool arguments %s are not valid JSON; using {}: %.200s", where, raw)
             return {}
         if end != len(text) and text[end:].strip():
-            logger.warning(
-                "tool arguments %s carry data after the JSON value; cut: %.200s", where, text[end:]
-            )
+            logger.warning("tool arguments %s carry data after the JSON value; cut: %.200s", where, text[end:])
         if isinstance(value, dict):
             return value
         if not isinstance(value, str):
@@ -133,9 +131,7 @@ def find_stop(text: str, stop_sequences: Sequence[str]) -> tuple[int, str] | Non
     return None if best is None else (best[1], best[2])
 
 
-def anthropic_usage(
-    usage: Mapping[str, Any] | None, *, input_estimate: int, output_estimate: int
-) -> dict[str, int]:
+def anthropic_usage(usage: Mapping[str, Any] | None, *, input_estimate: int, output_estimate: int) -> dict[str, int]:
     """Convert OpenAI usage to Anthropic usage (translation.md §3.6), estimating what is missing.
 
     ``input_tokens`` excludes cached prompt tokens, which go to ``cache_read_input_tokens``

@@ -119,9 +119,7 @@ def _document_text(block: Mapping[str, Any], where: str) -> str:
         text = content if isinstance(content, str) else _joined_text(content)
     if text is None:
         media = source.get("media_type", kind) if isinstance(source, Mapping) else kind
-        raise bad_request(
-            f"{where}: documents of type {media!r} (e.g. PDF) are not supported by this backend"
-        )
+        raise bad_request(f"{where}: documents of type {media!r} (e.g. PDF) are not supported by this backend")
     title = block.get("title")
     return f"{title}\n{text}" if isinstance(title, str) and title else text
 
@@ -204,9 +202,7 @@ class MessageConverter:
         prev = self.out[-1] if self.out else None
         if prev is not None and prev["role"] == "assistant":  # merge: strict templates need alternation
             if texts:
-                prev["content"] = (
-                    "\n".join([prev["content"], *texts]) if prev["content"] else "\n".join(texts)
-                )
+                prev["content"] = "\n".join([prev["content"], *texts]) if prev["content"] else "\n".join(texts)
             if calls:
                 prev.setdefault("tool_calls", []).extend(calls)
             if reasoning and self.reasoning_history:
@@ -223,12 +219,7 @@ class MessageConverter:
             if reasoning and self.reasoning_history:
                 msg["reasoning_content"] = "\n".join(reasoning)
             self.out.append(msg)
-        if (
-            prev is not None
-            and prev["role"] == "assistant"
-            and prev["content"] == ""
-            and prev.get("tool_calls")
-        ):
+        if prev is not None and prev["role"] == "assistant" and prev["content"] == "" and prev.get("tool_calls"):
             prev["content"] = None
         self._open_calls.extend(c["id"] for c in calls)
 

@@ -23,6 +23,7 @@ __all__ = [
     "AnthropicError",
     "classify_upstream_error",
     "envelope",
+    "error_from_type",
     "error_message_of",
     "not_supported",
     "overloaded",
@@ -58,9 +59,7 @@ _MAX_PATTERNS = (
     re.compile(r"> ?(\d+) maximum", re.IGNORECASE),
     re.compile(r"(?:max(?:imum)?|limit)\D{0,20}(\d+)", re.IGNORECASE),
 )
-_ACTUAL_PATTERN = re.compile(
-    r"(?:requested|prompt (?:has|contains)|is too long: ?)\D{0,20}(\d+)", re.IGNORECASE
-)
+_ACTUAL_PATTERN = re.compile(r"(?:requested|prompt (?:has|contains)|is too long: ?)\D{0,20}(\d+)", re.IGNORECASE)
 # mistral.rs answers 500 for errors raised while it parses a request; these wordings are the
 # client's fault (bad values, unknown fields), so they become 400 and are not retried.
 _CLIENT_FAULT = re.compile(
@@ -121,6 +120,12 @@ class AnthropicError(Exception):
         if self.retry_after is not None:
             out["retry-after"] = self.retry_after
         return out
+
+
+def error_from_type(error_type: str, message: str) -> AnthropicError:
+    """Build the error for an ``error.type`` alone (an in-stream error event), with its usual status."""
+    status = next((code for code, name in _TYPE_BY_STATUS.items() if name == error_type), 500)
+    return AnthropicError(status, error_type, message)
 
 
 def envelope(err: AnthropicError) -> dict[str, Any]:
@@ -223,6 +228,8 @@ def classify_upstream_error(
         return AnthropicError(429, "rate_limit_error", message, should_retry=True, retry_after=retry_after)
     if status == 503 or _RELOADING.search(message):
         return AnthropicError(529, "overloaded_error", message, should_retry=True, retry_after=retry_after)
+    if status == 502:
+        return AnthropicError(502, "api_error", message, should_retry=True)
     if status == 504 or status == 408:
         return AnthropicError(504, "timeout_error", message, should_retry=True)
     if _MODEL_UNAVAILABLE.search(message):

@@ -78,9 +78,7 @@ def _tools(tools: Any, names: ToolNames, warnings: list[str]) -> list[dict[str, 
             raise bad_request(f"tools.{i}: Input should be an object")
         kind, name = tool.get("type"), tool.get("name")
         if kind not in (None, "custom"):
-            warnings.append(
-                f"dropped server tool {name or kind!r} (type {kind!r}): the backend cannot run it"
-            )
+            warnings.append(f"dropped server tool {name or kind!r} (type {kind!r}): the backend cannot run it")
             continue
         if not isinstance(name, str) or not name:
             raise bad_request(f"tools.{i}.name: Field required")
@@ -153,11 +151,7 @@ def _thinking(body: Mapping[str, Any], out: dict[str, Any], dialect: Dialect, wa
     if level is not None:
         out["reasoning_effort"] = level
     fmt = config.get("format") if isinstance(config, Mapping) else None
-    if (
-        isinstance(fmt, Mapping)
-        and fmt.get("type") == "json_schema"
-        and isinstance(fmt.get("schema"), Mapping)
-    ):
+    if isinstance(fmt, Mapping) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), Mapping):
         out["response_format"] = {
             "type": "json_schema",
             "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True},

@@ -10,7 +10,8 @@ that retries a failed stream without streaming gets the same message.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ._common import (
@@ -22,8 +23,9 @@ from ._common import (
     tokens_for_bytes,
     utf8_len,
 )
+from .errors import error_from_type
 
-__all__ = ["to_anthropic_message"]
+__all__ = ["message_from_events", "to_anthropic_message"]
 
 
 def to_anthropic_message(
@@ -110,3 +112,48 @@ def to_anthropic_message(
         "stop_sequence": matched,
         "usage": usage,
     }
+
+
+def message_from_events(events: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Fold the events of a :class:`~cortex.proxy.anthropic.stream.StreamTranslator` into one message.
+
+    This serves a non-streaming client from an upstream stream (``to_openai(...,
+    stream_upstream=True)``), which lets cortex stop the node at a stop sequence and gives the
+    client exactly the message a streaming client would have assembled.
+
+    Args:
+        events: Every event the translator produced, up to ``message_stop`` or ``error``.
+
+    Returns:
+        A dict that validates as ``anthropic.types.Message``.
+
+    Raises:
+        AnthropicError: When the stream ended with an ``error`` event (status from its type).
+    """
+    message: dict[str, Any] = {}
+    content: list[dict[str, Any]] = []
+    partial: dict[int, list[str]] = {}
+    for event in events:
+        kind = event["type"]
+        if kind == "content_block_delta":
+            block, delta = content[event["index"]], event["delta"]
+            if delta["type"] == "text_delta":
+                block["text"] += delta["text"]
+            elif delta["type"] == "thinking_delta":
+                block["thinking"] += delta["thinking"]
+            elif delta["type"] == "signature_delta":
+                block["signature"] = delta["signature"]
+            elif delta["type"] == "input_json_delta":
+                partial.setdefault(event["index"], []).append(delta["partial_json"])
+        elif kind == "content_block_start":
+            content.append(dict(event["content_block"]))
+        elif kind == "message_start":
+            message = {**event["message"], "content": content, "usage": dict(event["message"]["usage"])}
+        elif kind == "message_delta":
+            message.update(event["delta"])
+            message["usage"].update(event["usage"])
+        elif kind == "error":
+            raise error_from_type(event["error"]["type"], event["error"]["message"])
+    for index, parts in partial.items():
+        content[index]["input"] = json.loads("".join(parts))
+    return message

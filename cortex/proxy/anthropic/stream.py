@@ -358,9 +358,7 @@ class StreamTranslator:
             input_estimate=self._input_estimate,
             output_estimate=max(1, tokens_for_bytes(self._out_bytes)),
         )
-        reason = stop_reason(
-            self._finish, tool_blocks=self._tool_blocks > 0, stop_sequence=self.stop_sequence
-        )
+        reason = stop_reason(self._finish, tool_blocks=self._tool_blocks > 0, stop_sequence=self.stop_sequence)
         events.append(
             {
                 "type": "message_delta",

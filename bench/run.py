@@ -1,0 +1,698 @@
+"""cortex's proxy benchmark: direct to a node, through cortex, through nginx and through a minimal aiohttp proxy.
+
+    python bench/run.py [--quick] [--out bench/results/FILE.json] [--keep-logs]
+
+Everything runs in one go on loopback. Three simulated mistral.rs nodes (``python -m cortex.sim``, each its
+own process) serve one model each: ``bench-fast`` with no token delay (request benchmarks and time to first
+byte), ``bench-chunks`` emitting one SSE chunk per token at a high rate (CPU per streamed chunk) and
+``bench-slow`` emitting a few tokens per second (1,000 concurrent slow streams). The targets are:
+
+* ``direct``  — the nodes themselves (the baseline for latency);
+* ``cortex``  — ``python -m cortex --no-tui --config <generated toml>`` with the three nodes, metrics on
+  their own listener, polling every 2 s;
+* ``nginx``   — Debian's nginx, one worker, ``proxy_pass`` with ``proxy_buffering off`` and HTTP/1.1
+  keep-alive upstreams (skipped with a note when ``nginx`` is not installed);
+* ``minimal`` — ``bench/minimal_proxy.py``, the floor for a Python proxy on aiohttp.
+
+Loads come from ``bench/loadgen.py``, one process per job, never the proxy's process. A proxy's CPU is
+utime+stime from /proc/PID/stat (its children included) over the measured requests only. Targets are
+interleaved and rotated round by round; CPU and req/s are medians over repetitions, latencies are pooled
+over rounds. The figures that matter are the ratios to the minimal proxy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (  # noqa: E402
+    BENCH,
+    PY,
+    ROOT,
+    Procs,
+    cortex_config,
+    cortex_models_state,
+    cpu_seconds,
+    free_port,
+    http,
+    median,
+    quantile,
+    raise_nofile,
+    sim_argv,
+    term_on_sigterm,
+    wait_for,
+    with_descendants,
+)
+
+PHASES = {"fast": "bench-fast", "chunks": "bench-chunks", "slow": "bench-slow"}
+"""Phase → the model its node serves."""
+PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
+
+FULL = {
+    "req_n": 8000,  # requests per repetition at concurrency 32
+    "req_reps": 3,
+    "req_warm": 1000,
+    "req_max_tokens": 16,
+    "lat_rounds": 12,  # concurrency-1 rounds, each a block of requests then a block of streams per target
+    "lat_n": 100,
+    "ttfb_max_tokens": 16,
+    "stream_tokens": 500,  # chunks per stream
+    "stream_n": 16,
+    "stream_conc": 4,
+    "stream_reps": 3,
+    "chunk_tok_s": 500,  # tokens/s of each chunk stream: one chunk every 2 ms, 2,000 chunks/s in all
+    "hold_count": 1000,
+    "hold_tok_s": 5,
+    "hold_tokens": 60,  # a held stream lasts hold_tokens / hold_tok_s seconds
+    "hold_direct": True,  # also hold the streams directly on the node (a control for the client)
+    "idle_s": 4.0,
+    "anthropic_reps": 3,
+    "metrics_calls": 50000,
+}
+QUICK = FULL | {
+    "req_n": 3000,
+    "req_reps": 1,
+    "req_warm": 300,
+    "lat_rounds": 4,
+    "lat_n": 60,
+    "stream_n": 8,
+    "stream_reps": 1,
+    "hold_tok_s": 6,
+    "hold_tokens": 30,
+    "hold_direct": False,
+    "idle_s": 2.0,
+    "anthropic_reps": 1,
+    "metrics_calls": 20000,
+}
+
+TARGETS_RATIO = {
+    "cpu_us_per_req": 1.5,
+    "cpu_us_per_chunk": 1.3,
+    "added_p50_ms": 1.3,
+    "added_ttfb_ms": 1.3,
+}
+HOLD_LIMIT_MB = 150.0
+ANTHROPIC_LIMIT = 3.0
+METRICS_LIMIT = 0.10
+
+
+@dataclass
+class Target:
+    name: str
+    endpoints: dict[str, tuple[str, int]]
+    """phase → (host, port)."""
+    pids: list[int] = field(default_factory=list)
+    """Processes whose CPU and RSS count (empty for direct)."""
+
+
+def chat_body(model: str, max_tokens: int, stream: bool) -> str:
+    return json.dumps({"model": model, "messages": PROMPT, "max_tokens": max_tokens, "stream": stream})
+
+
+class Runner:
+    """Builds loadgen jobs and runs them, each batch in one fresh loadgen process."""
+
+    def __init__(self, cfg: dict[str, Any], tmp: Path) -> None:
+        self.cfg = cfg
+        self.tmp = tmp
+        self.jobs = 0
+
+    def run(self, job: dict[str, Any], timeout: float = 240.0) -> dict[str, Any]:
+        """Run one loadgen job (or a ``steps`` batch) in its own process and return its result."""
+        self.jobs += 1
+        path = self.tmp / f"job{self.jobs}.json"
+        path.write_text(json.dumps(job))
+        proc = subprocess.run(
+            [PY, str(BENCH / "loadgen.py"), str(path)], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"loadgen {job['mode']} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def steps(self, steps: list[dict[str, Any]], timeout: float = 240.0) -> list[dict[str, Any]]:
+        return self.run({"mode": "steps", "steps": steps}, timeout)["results"]
+
+    def requests(self, t: Target, *, n: int, conc: int, warm: int, keep: bool = False) -> dict[str, Any]:
+        host, port = t.endpoints["fast"]
+        return {
+            "mode": "requests",
+            "target": t.name,
+            "host": host,
+            "port": port,
+            "path": "/v1/chat/completions",
+            "body": chat_body(PHASES["fast"], self.cfg["req_max_tokens"], False),
+            "expect": '"usage"',
+            "concurrency": conc,
+            "requests": n,
+            "warmup": warm,
+            "pids": t.pids,
+            "keep_latencies": keep,
+        }
+
+    def ttfb(self, t: Target, n: int, warm: int) -> dict[str, Any]:
+        host, port = t.endpoints["fast"]
+        return {
+            "mode": "ttfb",
+            "target": t.name,
+            "host": host,
+            "port": port,
+            "path": "/v1/chat/completions",
+            "body": chat_body(PHASES["fast"], self.cfg["ttfb_max_tokens"], True),
+            "requests": n,
+            "warmup": warm,
+            "pids": t.pids,
+        }
+
+    def stream(self, t: Target, *, n: int | None = None, warm: int | None = None, path: str = "/v1/chat/completions",
+               body: str | None = None, done: str = "[DONE]", expect: int | None = None) -> dict[str, Any]:  # fmt: skip
+        host, port = t.endpoints["chunks"]
+        return {
+            "mode": "stream",
+            "target": t.name,
+            "url": f"http://{host}:{port}{path}",
+            "body": body or chat_body(PHASES["chunks"], self.cfg["stream_tokens"], True),
+            "marker": "data:",
+            "done": done,
+            "expect_events": expect,
+            "concurrency": self.cfg["stream_conc"],
+            "streams": self.cfg["stream_n"] if n is None else n,
+            "warmup": self.cfg["stream_conc"] if warm is None else warm,
+            "pids": t.pids,
+        }
+
+    def hold(self, t: Target) -> dict[str, Any]:
+        host, port = t.endpoints["slow"]
+        tokens = self.cfg["hold_tokens"]
+        job = {
+            "mode": "hold",
+            "url": f"http://{host}:{port}/v1/chat/completions",
+            "body": chat_body(PHASES["slow"], tokens, True),
+            "count": self.cfg["hold_count"],
+            "expect_events": tokens + 1,
+            "ramp_batch": 50,
+            "ramp_gap_s": 0.02,
+            "timeout_s": 120,
+            "pids": t.pids,
+        }
+        return self.run(job, timeout=200)
+
+
+# -- starting the targets -------------------------------------------------------------------------------
+
+
+def nginx_conf(tmp: Path, routes: dict[str, tuple[int, int]]) -> Path:
+    """An nginx.conf proxying each listen port to its upstream port (phase → (listen, upstream))."""
+    for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / f"nginx-{d}").mkdir(exist_ok=True)
+    upstreams, servers = [], []
+    for phase, (listen, upstream) in routes.items():
+        upstreams.append(
+            f"  upstream up_{phase} {{ server 127.0.0.1:{upstream}; keepalive 1024; keepalive_requests 1000000; }}"
+        )
+        servers.append(
+            f"  server {{ listen 127.0.0.1:{listen} backlog=4096; location / {{ proxy_pass http://up_{phase};"
+            ' proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off;'
+            " proxy_request_buffering off; proxy_read_timeout 300s; } }"
+        )
+    conf = f"""user root;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/nginx-body;
+  proxy_temp_path {tmp}/nginx-proxy;
+  fastcgi_temp_path {tmp}/nginx-fastcgi;
+  uwsgi_temp_path {tmp}/nginx-uwsgi;
+  scgi_temp_path {tmp}/nginx-scgi;
+  keepalive_requests 1000000;
+  keepalive_timeout 120s;
+{chr(10).join(upstreams)}
+{chr(10).join(servers)}
+}}
+"""
+    path = tmp / "nginx.conf"
+    path.write_text(conf)
+    return path
+
+
+def nginx_version() -> str | None:
+    exe = shutil.which("nginx")
+    if exe is None:
+        return None
+    out = subprocess.run([exe, "-v"], capture_output=True, text=True)
+    return (out.stderr or out.stdout).strip().split("/")[-1]
+
+
+def child_env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORTEX_")}
+    env["XDG_STATE_HOME"] = str(tmp / "state")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def start_all(procs: Procs, tmp: Path, cfg: dict[str, Any], log: Any) -> tuple[list[Target], dict[str, Any]]:
+    env = child_env(tmp)
+    sim_ports = {phase: free_port() for phase in PHASES}
+    tok = {"fast": 0.0, "chunks": float(cfg["chunk_tok_s"]), "slow": float(cfg["hold_tok_s"])}
+    sims = {}
+    for phase, model in PHASES.items():
+        argv = sim_argv(sim_ports[phase], f"sim-{phase}", models=[f"{model}=4096"], tok_s=tok[phase])
+        sims[phase] = procs.start(f"sim-{phase}", argv, env)
+    for phase, proc in sims.items():
+        url = f"http://127.0.0.1:{sim_ports[phase]}/health"
+        wait_for(lambda u=url: http("GET", u, timeout=1)[0] == 200, 30, f"sim {phase}", proc)
+    targets = [Target("direct", {p: ("127.0.0.1", sim_ports[p]) for p in PHASES})]
+    info: dict[str, Any] = {"sim_pids": {p: s.pid for p, s in sims.items()}}
+
+    # cortex
+    cport, mport = free_port(), free_port()
+    conf = tmp / "cortex.toml"
+    cortex_config(conf, port=cport, metrics_port=mport,
+                  nodes=[(f"sim-{p}", sim_ports[p], [m]) for p, m in PHASES.items()])  # fmt: skip
+    cortex = procs.start("cortex", [PY, "-m", "cortex", "--no-tui", "--config", str(conf)], env)
+    base = f"http://127.0.0.1:{cport}"
+    t0 = time.monotonic()
+    wait_for(lambda: set(cortex_models_state(base).items()) >= {(m, "loaded") for m in PHASES.values()},
+             60, "cortex to see every model loaded", cortex)  # fmt: skip
+    log(f"cortex ready in {time.monotonic() - t0:.1f} s on {base} (metrics :{mport})")
+    targets.append(Target("cortex", {p: ("127.0.0.1", cport) for p in PHASES}, [cortex.pid]))
+    info["cortex_base"] = base
+    info["cortex_metrics"] = f"http://127.0.0.1:{mport}/metrics"
+
+    # nginx
+    version = nginx_version()
+    info["nginx_version"] = version
+    if version is None:
+        log("nginx not installed (apt-get install -y nginx): the nginx column is skipped")
+    else:
+        routes = {p: (free_port(), sim_ports[p]) for p in PHASES}
+        conf_path = nginx_conf(tmp, routes)
+        argv = [shutil.which("nginx") or "nginx", "-p", str(tmp), "-c", str(conf_path), "-e",
+                str(tmp / "nginx-error.log"), "-g", "daemon off;"]  # fmt: skip
+        ngx = procs.start("nginx", argv, env)
+        url = f"http://127.0.0.1:{routes['fast'][0]}/health"
+        wait_for(lambda: http("GET", url, timeout=1)[0] == 200, 20, "nginx", ngx)
+        time.sleep(0.2)
+        targets.append(Target("nginx", {p: ("127.0.0.1", routes[p][0]) for p in PHASES}, with_descendants(ngx.pid)))
+
+    # minimal aiohttp proxy
+    mroutes = {p: free_port() for p in PHASES}
+    argv = [PY, str(BENCH / "minimal_proxy.py")]
+    for p in PHASES:
+        argv += ["--route", f"127.0.0.1:{mroutes[p]}=http://127.0.0.1:{sim_ports[p]}"]
+    mini = procs.start("minimal", argv, env)
+    url = f"http://127.0.0.1:{mroutes['fast']}/health"
+    wait_for(lambda: http("GET", url, timeout=1)[0] == 200, 20, "minimal proxy", mini)
+    targets.append(Target("minimal", {p: ("127.0.0.1", mroutes[p]) for p in PHASES}, [mini.pid]))
+    info["all_pids"] = [pid for proc in procs.items for pid in with_descendants(proc.pid)]
+    return targets, info
+
+
+def sanity(targets: list[Target]) -> None:
+    """One non-streaming and one streaming chat through every target and phase."""
+    for t in targets:
+        for phase, model in PHASES.items():
+            if phase == "slow":
+                continue
+            host, port = t.endpoints[phase]
+            url = f"http://{host}:{port}/v1/chat/completions"
+            status, body = http("POST", url, {"model": model, "messages": PROMPT, "max_tokens": 4}, timeout=10)
+            if status != 200 or b'"usage"' not in body:
+                raise RuntimeError(f"{t.name}/{phase}: chat answered {status}: {body[:300]!r}")
+            status, body = http(
+                "POST", url, {"model": model, "messages": PROMPT, "max_tokens": 4, "stream": True}, timeout=10
+            )
+            if status != 200 or not body.rstrip().endswith(b"data:[DONE]"):
+                raise RuntimeError(f"{t.name}/{phase}: stream answered {status}: {body[-300:]!r}")
+
+
+def anthropic_available(base: str) -> bool:
+    status, body = http(
+        "POST",
+        base + "/v1/messages",
+        {"model": PHASES["fast"], "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+        timeout=10,
+    )
+    return status == 200 and b'"content"' in body
+
+
+def metrics_microbench(calls: int) -> dict[str, Any]:
+    """CPU of ``CortexMetrics.request_done`` for a finished stream with usage (children already cached)."""
+    from cortex.engine.metrics import CortexMetrics, RequestOutcome
+    from cortex.sim.frames import usage
+
+    m = CortexMetrics()
+    now = time.monotonic()
+    outcome = RequestOutcome(
+        api="openai", model="bench-fast", node="sim-fast", status=200, stream=True, started=now - 0.01,
+        ended=now, first_byte=now - 0.008, queue_s=0.0, upstream_s=0.009, usage=usage(12, 16, 0.001, 0.007),
+    )  # fmt: skip
+    for _ in range(1000):
+        m.request_done(outcome)
+    best = float("inf")
+    samples = []
+    for _ in range(5):
+        t0 = time.process_time()
+        for _ in range(calls // 5):
+            m.request_done(outcome)
+        per = (time.process_time() - t0) / (calls // 5)
+        samples.append(per * 1e6)
+        best = min(best, per)
+    return {"us_per_call_median": median(samples), "us_per_call_min": best * 1e6, "calls": calls}
+
+
+# -- the run ----------------------------------------------------------------------------------------------
+
+
+def rotated(targets: list[Target], i: int) -> list[Target]:
+    k = i % len(targets)
+    return targets[k:] + targets[:k]
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds spent by the whole machine (all cores, every process) since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(cfg: dict[str, Any], targets: list[Target], info: dict[str, Any], r: Runner, log: Any) -> dict[str, Any]:
+    names = [t.name for t in targets]
+    by_name = {t.name: t for t in targets}
+    raw: dict[str, dict[str, list[Any]]] = {n: {} for n in names}
+    expect = cfg["stream_tokens"] + 1
+
+    def collect(key: str, results: list[dict[str, Any]]) -> None:
+        for res in results:
+            raw[res["target"]].setdefault(key, []).append(res)
+
+    cortex = by_name["cortex"]
+    c0 = cpu_seconds(cortex.pids)
+    time.sleep(cfg["idle_s"])
+    idle_us_per_s = (cpu_seconds(cortex.pids) - c0) / cfg["idle_s"] * 1e6
+    log(f"cortex idle (polling 3 nodes every 2 s): {idle_us_per_s:.0f} CPU-µs/s")
+
+    ours0 = cpu_seconds([os.getpid(), *info["all_pids"]])
+    busy0 = busy_cpu_s()
+    wall0 = time.monotonic()
+
+    log("warm-up")
+    r.steps([s for t in targets for s in (r.requests(t, n=cfg["req_warm"], conc=32, warm=0),
+                                          r.stream(t, n=cfg["stream_conc"], warm=0))])  # fmt: skip
+
+    log(f"requests at concurrency 32: {cfg['req_reps']} x {cfg['req_n']} per target")
+    steps = [r.requests(t, n=cfg["req_n"], conc=32, warm=100) for rep in range(cfg["req_reps"]) for t in rotated(targets, rep)]
+    collect("c32", r.steps(steps))
+    for t in targets:
+        d = raw[t.name]["c32"]
+        log(f"  {t.name:8s} {median([x['rps'] for x in d]):7.0f} req/s  "
+            f"cpu/req {fmt(median([x['cpu_us_per_req'] for x in d]) if t.pids else None):>7s} µs  "
+            f"errors {sum(x['errors'] for x in d)}")  # fmt: skip
+
+    log(f"concurrency 1: {cfg['lat_rounds']} rounds of {cfg['lat_n']} requests + {cfg['lat_n']} streams per target")
+    steps = []
+    for rnd in range(cfg["lat_rounds"]):
+        for t in rotated(targets, rnd):
+            steps += [r.requests(t, n=cfg["lat_n"], conc=1, warm=5, keep=True), r.ttfb(t, cfg["lat_n"], warm=5)]
+    results = r.steps(steps)
+    collect("c1", [x for x in results if "latencies_ms" in x])
+    collect("ttfb", [x for x in results if "ttfb_ms" in x])
+
+    log(f"streams of {cfg['stream_tokens']} chunks at {cfg['chunk_tok_s']} tok/s, concurrency {cfg['stream_conc']}")
+    steps = [r.stream(t, expect=expect) for rep in range(cfg["stream_reps"]) for t in rotated(targets, rep)]
+    collect("stream", r.steps(steps))
+    for t in targets:
+        d = raw[t.name]["stream"]
+        log(f"  {t.name:8s} cpu/chunk {fmt(median([x['cpu_us_per_event'] for x in d]) if t.pids else None, '.2f'):>6s} µs"
+            f"  chunks/read {median([x['events_per_read'] for x in d]):.2f}"
+            f"  complete {sum(x['complete'] for x in d)}/{sum(x['streams'] for x in d)}")  # fmt: skip
+
+    anthropic: dict[str, Any] | None = None
+    if anthropic_available(info["cortex_base"]):
+        log("Anthropic /v1/messages streams through cortex (translator) vs OpenAI pass-through")
+        body = json.dumps({"model": PHASES["chunks"], "max_tokens": cfg["stream_tokens"], "stream": True,
+                           "messages": [{"role": "user", "content": PROMPT[0]["content"]}]})  # fmt: skip
+        steps = []
+        for _ in range(cfg["anthropic_reps"]):
+            steps += [
+                r.stream(cortex, expect=expect),
+                r.stream(cortex, path="/v1/messages", body=body, done="message_stop"),
+            ]
+        results = r.steps(steps)
+        o_res, a_res = results[0::2], results[1::2]
+        # Per upstream chunk: the node sent as many chunks as for the OpenAI stream of the same length.
+        a_cpu = [a["cpu_s"] / (a["streams"] * expect) * 1e6 for a in a_res]
+        o_cpu = [o["cpu_us_per_event"] for o in o_res]
+        anthropic = {
+            "cpu_us_per_upstream_chunk": median(a_cpu),
+            "openai_cpu_us_per_chunk": median(o_cpu),
+            "ratio": median(a_cpu) / median(o_cpu),
+            "events_per_stream": median([a["events"] / max(1, a["streams"]) for a in a_res]),
+            "complete": sum(a["complete"] for a in a_res),
+            "streams": sum(a["streams"] for a in a_res),
+            "target": ANTHROPIC_LIMIT,
+        }
+        anthropic["met"] = anthropic["ratio"] <= ANTHROPIC_LIMIT and anthropic["complete"] == anthropic["streams"]
+    else:
+        log("Anthropic /v1/messages not served by this cortex: translator section skipped")
+
+    log(f"holding {cfg['hold_count']} slow streams ({cfg['hold_tokens']} tokens at {cfg['hold_tok_s']} tok/s)")
+    for t in targets:
+        if t.name == "direct" and not cfg["hold_direct"]:
+            continue
+        res = r.hold(t)
+        raw[t.name]["hold"] = [res]
+        log(f"  {t.name:8s} complete {res['complete']}/{res['count']}  peak concurrent {res['peak_concurrent']}"
+            f"  all open after {fmt(res['all_open_after_s'], '.1f')} s  RSS max {fmt(res['rss_max_mb'])} MB")  # fmt: skip
+
+    wall = time.monotonic() - wall0
+    foreign = (busy_cpu_s() - busy0) - (cpu_seconds([os.getpid(), *info["all_pids"]]) - ours0)
+
+    # -- summary
+    summary: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        d = raw[t.name]
+        lat = [x for res in d["c1"] for x in res["latencies_ms"]]
+        ttfb = [x for res in d["ttfb"] for x in res["ttfb_ms"]]
+        hold = d.get("hold", [{}])[0]
+        c1_cpu = sum(x["cpu_s"] for x in d["c1"]) / sum(x["requests"] for x in d["c1"]) * 1e6
+        summary[t.name] = {
+            "cpu_us_per_req": median([x["cpu_us_per_req"] for x in d["c32"]]) if t.pids else None,
+            "cpu_us_per_req_c1": c1_cpu if t.pids else None,
+            "rps_c32": median([x["rps"] for x in d["c32"]]),
+            "p50_ms": quantile(lat, 0.5),
+            "p99_ms": quantile(lat, 0.99),
+            "ttfb_p50_ms": quantile(ttfb, 0.5),
+            "ttfb_p99_ms": quantile(ttfb, 0.99),
+            "cpu_us_per_chunk": median([x["cpu_us_per_event"] for x in d["stream"]]) if t.pids else None,
+            "chunks_per_read": median([x["events_per_read"] for x in d["stream"]]),
+            "errors": sum(x["errors"] for k in ("c32", "c1", "ttfb", "stream") for x in d[k]),
+            "incomplete_streams": sum(x["incomplete"] + x["errors"] for x in d["stream"]),
+            "hold_complete": hold.get("complete"),
+            "hold_dropped": hold.get("dropped"),
+            "hold_peak_concurrent": hold.get("peak_concurrent"),
+            "hold_held_concurrently": hold.get("held_concurrently"),
+            "hold_rss_max_mb": hold.get("rss_max_mb"),
+            "hold_rss_before_mb": hold.get("rss_before_mb") if t.pids else None,
+            "hold_all_open_after_s": hold.get("all_open_after_s"),
+        }
+    direct = summary["direct"]
+    for name, s in summary.items():
+        s["added_p50_ms"] = s["p50_ms"] - direct["p50_ms"] if name != "direct" else None
+        s["added_p99_ms"] = s["p99_ms"] - direct["p99_ms"] if name != "direct" else None
+        s["added_ttfb_ms"] = s["ttfb_p50_ms"] - direct["ttfb_p50_ms"] if name != "direct" else None
+
+    ratios: dict[str, dict[str, float | None]] = {}
+    base = summary["minimal"]
+    for name in (n for n in names if n not in ("direct", "minimal")):
+        ratios[name] = {}
+        for key in ("cpu_us_per_req", "cpu_us_per_req_c1", "cpu_us_per_chunk", "rps_c32", "added_p50_ms",
+                    "added_p99_ms", "added_ttfb_ms", "hold_rss_max_mb"):  # fmt: skip
+            a, b = summary[name][key], base[key]
+            ratios[name][key] = a / b if a is not None and b is not None and b > 0 else None
+
+    c = summary["cortex"]
+    checks = {}
+    for key, limit in TARGETS_RATIO.items():
+        ratio = ratios["cortex"][key]
+        checks[key] = {"ratio": ratio, "limit": limit, "met": ratio is not None and ratio <= limit}
+    checks["hold_1000"] = {
+        "complete": c["hold_complete"],
+        "count": cfg["hold_count"],
+        "peak_concurrent": c["hold_peak_concurrent"],
+        "rss_max_mb": c["hold_rss_max_mb"],
+        "limit_mb": HOLD_LIMIT_MB,
+        "met": c["hold_dropped"] == 0
+        and bool(c["hold_held_concurrently"])
+        and c["hold_rss_max_mb"] is not None
+        and c["hold_rss_max_mb"] <= HOLD_LIMIT_MB,
+    }
+    if anthropic is not None:
+        checks["anthropic_chunk"] = {"ratio": anthropic["ratio"], "limit": ANTHROPIC_LIMIT, "met": anthropic["met"]}
+    mb = metrics_microbench(cfg["metrics_calls"])
+    frac = mb["us_per_call_median"] / c["cpu_us_per_req"] if c["cpu_us_per_req"] else None
+    mb["fraction_of_cortex_cpu_per_req"] = frac
+    checks["metrics_cost"] = {"fraction": frac, "limit": METRICS_LIMIT, "met": frac is not None and frac <= METRICS_LIMIT}
+    return {
+        "summary": summary,
+        "ratios_to_minimal": ratios,
+        "checks": checks,
+        "anthropic": anthropic,
+        "metrics_microbench": mb,
+        "cortex_idle_cpu_us_per_s": idle_us_per_s,
+        "foreign_cpu_cores": foreign / wall,
+        "raw": {n: {k: [{kk: vv for kk, vv in x.items() if not isinstance(vv, list)} for x in v] for k, v in d.items()}
+                for n, d in raw.items()},  # fmt: skip
+    }
+
+
+# -- output -----------------------------------------------------------------------------------------------
+
+
+def fmt(v: Any, spec: str = ".1f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float) and v != v:
+        return "nan"
+    return format(v, spec)
+
+
+def table(result: dict[str, Any]) -> str:
+    s = result["summary"]
+    ratios = result["ratios_to_minimal"]
+    names = list(s)
+    others = [n for n in names if n not in ("direct", "minimal")]
+    rows = [
+        ("CPU-µs / request (c=32)", "cpu_us_per_req", ".1f", "≤ 1.5×"),
+        ("CPU-µs / request (c=1)", "cpu_us_per_req_c1", ".1f", ""),
+        ("req/s at c=32", "rps_c32", ".0f", ""),
+        ("p50 latency c=1 (ms)", "p50_ms", ".3f", ""),
+        ("p99 latency c=1 (ms)", "p99_ms", ".3f", ""),
+        ("added p50 (ms)", "added_p50_ms", ".3f", "≤ 1.3×"),
+        ("added p99 (ms)", "added_p99_ms", ".3f", ""),
+        ("TTFB p50 stream c=1 (ms)", "ttfb_p50_ms", ".3f", ""),
+        ("added TTFB p50 (ms)", "added_ttfb_ms", ".3f", "≤ 1.3×"),
+        ("CPU-µs / streamed chunk", "cpu_us_per_chunk", ".2f", "≤ 1.3×"),
+        ("chunks per client read", "chunks_per_read", ".2f", ""),
+        ("1000 slow streams: RSS max (MB)", "hold_rss_max_mb", ".1f", "≤ 150 MB"),
+        ("1000 slow streams: completed", "hold_complete", "d", "all"),
+        ("1000 slow streams: peak open", "hold_peak_concurrent", "d", "1000"),
+    ]
+    head = f"{'metric':34s}" + "".join(f"{n:>11s}" for n in names) + "".join(f"{n + '/min':>13s}" for n in others)
+    lines = [head + f"  {'target':>9s}", "-" * (len(head) + 11)]
+    for label, key, spec, target in rows:
+        line = f"{label:34s}" + "".join(f"{fmt(s[n][key], spec):>11s}" for n in names)
+        line += "".join(f"{fmt(ratios[n].get(key), '.2f') + '×' if ratios[n].get(key) is not None else '-':>13s}"
+                        for n in others)  # fmt: skip
+        lines.append(line + f"  {target:>9s}")
+    lines.append("")
+    for key, chk in result["checks"].items():
+        detail = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in chk.items() if k != "met"}
+        lines.append(f"  {'MET ' if chk['met'] else 'MISS'} {key}: {detail}")
+    a = result["anthropic"]
+    if a:
+        lines.append(f"  Anthropic translator: {a['cpu_us_per_upstream_chunk']:.2f} CPU-µs per upstream chunk vs "
+                     f"{a['openai_cpu_us_per_chunk']:.2f} OpenAI pass-through = {a['ratio']:.2f}×")  # fmt: skip
+    mb = result["metrics_microbench"]
+    lines.append(f"  metrics: request_done {mb['us_per_call_median']:.1f} µs/call = "
+                 f"{fmt(mb['fraction_of_cortex_cpu_per_req'] and 100 * mb['fraction_of_cortex_cpu_per_req'])} % "
+                 f"of cortex's CPU per request")  # fmt: skip
+    lines.append(f"  cortex idle: {result['cortex_idle_cpu_us_per_s']:.0f} CPU-µs/s (polling)")
+    lines.append(f"  other work on the machine during the run: {result['foreign_cpu_cores']:.2f} cores on average")
+    return "\n".join(lines)
+
+
+def git_rev() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout
+        return rev.strip() + ("-dirty" if dirty.strip() else "")
+    except OSError:
+        return "?"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="cortex vs nginx vs a minimal aiohttp proxy, on loopback.")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (about a minute)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with every process's log")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=-10,
+        help="scheduling priority of the benchmark and everything it starts (default %(default)s, needs root; "
+        "on a shared machine it keeps other work from adding noise; 0 leaves it alone)",
+    )
+    args = parser.parse_args()
+    cfg = QUICK if args.quick else FULL
+    term_on_sigterm()
+    nofile = raise_nofile()
+    niceness = os.nice(0)
+    if args.nice:
+        try:
+            niceness = os.nice(args.nice)
+        except OSError:
+            print(f"(cannot change priority by {args.nice}: not root; running at nice {niceness})")
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="cortex-bench-"))
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {msg}", flush=True)
+
+    try:
+        with Procs(tmp) as procs:
+            targets, info = start_all(procs, tmp, cfg, log)
+            sanity(targets)
+            if "nginx" not in [t.name for t in targets]:
+                log("note: ratios for nginx omitted")
+            result = measure(cfg, targets, info, Runner(cfg, tmp), log)
+    finally:
+        if args.keep_logs:
+            print(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    result["meta"] = {
+        "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "git": git_rev(),
+        "python": platform.python_version(),
+        "aiohttp": __import__("aiohttp").__version__,
+        "nginx": info.get("nginx_version"),
+        "cpus": os.cpu_count(),
+        "nofile": nofile,
+        "nice": niceness,
+        "loadavg_end": open("/proc/loadavg").read().split()[:3],
+        "quick": args.quick,
+        "config": cfg,
+        "wall_s": time.monotonic() - started,
+    }
+    print()
+    print(table(result))
+    print(f"\nwall time {result['meta']['wall_s']:.0f} s")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,395 @@
+"""The Anthropic dialect on the wire: ``/v1/messages``, ``/v1/messages/count_tokens``, the models list.
+
+The translation itself is pure and lives in :mod:`cortex.proxy.anthropic`; this module does the I/O around
+it with the same machinery as the OpenAI handlers (lease, send, failover, waiting for loads), so the two
+dialects cannot drift. What is Anthropic-specific here: the envelope and statuses of errors (a full queue is
+529 ``overloaded_error``, an unreachable node 502 ``api_error``), ``message_start`` and ``ping`` events while
+a model loads, a ``ping`` whenever the node is silent for :data:`PING_S`, and an ``error`` event (and nothing
+after it) when the node fails mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from cortex.errors import BadRequest, CortexError, PayloadTooLarge, Unauthorized, UnknownModel
+from cortex.proxy.anthropic import (
+    DONE,
+    AnthropicError,
+    OpenAIRequest,
+    SSEDecoder,
+    StreamTranslator,
+    classify_upstream_error,
+    count_tokens,
+    encode_event,
+    envelope,
+    models_list,
+    parse_data,
+    to_anthropic_message,
+    to_openai,
+    upstream_chunk_error,
+)
+from cortex.proxy.common import SSE_HEADERS, WaitFailed, acquire_streaming, check_api_key, cortex_headers, read_json
+from cortex.proxy.forward import Call, NodeReplyError, send, upstream_headers
+
+if TYPE_CHECKING:
+    from cortex.engine.engine import Engine
+    from cortex.engine.lifecycle import Lease
+
+__all__ = ["PING_S", "add_anthropic_routes", "anthropic_error_response", "anthropic_models"]
+
+log = logging.getLogger(__name__)
+
+PING_S = 10.0
+"""A stream hears a ``ping`` at least this often while the node is silent."""
+_PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+_COUNT_TOKENS_TIMEOUT_S = 5.0
+
+
+def anthropic_error_response(
+    status: int, kind: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """An error in the Anthropic envelope ``{"type": "error", "error": {"type", "message"}}``."""
+    body = {"type": "error", "error": {"type": kind, "message": message}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+def _from_cortex(exc: CortexError) -> AnthropicError:
+    """Map cortex's own errors onto Anthropic's types and statuses (§1.5)."""
+    retry = str(int(exc.retry_after)) if exc.retry_after is not None else None
+    if isinstance(exc, Unauthorized):
+        return AnthropicError(401, "authentication_error", exc.message, should_retry=False)
+    if isinstance(exc, PayloadTooLarge):
+        return AnthropicError(413, "request_too_large", exc.message, should_retry=False)
+    if isinstance(exc, UnknownModel):
+        return AnthropicError(404, "not_found_error", exc.message, should_retry=False)
+    if isinstance(exc, BadRequest):
+        return AnthropicError(400, "invalid_request_error", exc.message, should_retry=False)
+    if exc.status == 503:
+        return AnthropicError(529, "overloaded_error", exc.message, should_retry=True, retry_after=retry)
+    if exc.status == 504:
+        return AnthropicError(504, "timeout_error", exc.message, should_retry=True)
+    return AnthropicError(502, "api_error", exc.message, should_retry=True)
+
+
+def _from_node(exc: NodeReplyError, estimate: int) -> AnthropicError:
+    info = exc.info
+    return classify_upstream_error(info.node_status, {"message": info.message}, prompt_tokens_estimate=estimate)
+
+
+def _respond(err: AnthropicError, extra: dict[str, str] | None = None) -> web.Response:
+    headers = err.headers()
+    if extra:
+        headers.update(extra)
+    return web.Response(
+        status=err.status, body=orjson.dumps(envelope(err)), content_type="application/json", headers=headers
+    )
+
+
+def _error_event(err: AnthropicError) -> bytes:
+    return b"event: error\ndata: " + orjson.dumps(envelope(err)) + b"\n\n"
+
+
+def anthropic_models(engine: Engine, query: Any = None) -> dict[str, Any]:
+    """The served models in the Anthropic list shape (paged like the real API)."""
+    query = query or {}
+    limit = query.get("limit")
+    return models_list(
+        engine.served_models(),
+        after_id=query.get("after_id"),
+        before_id=query.get("before_id"),
+        limit=int(limit) if limit and str(limit).isdigit() else None,
+    )
+
+
+def _model_of(engine: Engine, data: dict[str, Any]) -> tuple[str, str]:
+    name = data.get("model")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("model: field required (a non-empty string)")
+    model = engine.resolve(name)
+    if model is None:
+        served = ", ".join(engine.served_models()) or "none"
+        raise UnknownModel(f"model: {name} is not served by this gateway; available models: {served}")
+    return name, model
+
+
+async def handle_messages(request: web.Request, engine: Engine, keys: list[bytes]) -> web.StreamResponse:
+    """Serve ``POST /v1/messages`` (streaming or not), and count it."""
+    call = Call(api="anthropic", started=time.monotonic())
+    estimate = 1
+    try:
+        check_api_key(request, keys)
+        _, data = await read_json(request, engine.settings.gateway.max_body_mb)
+        name, call.model = _model_of(engine, data)
+        facts = engine.settings.model_facts(call.model)
+        translated = to_openai(
+            data, upstream_model=call.model, max_output_tokens=facts.max_output_tokens if facts else None
+        )
+        estimate = translated.input_tokens_estimate
+        for warning in translated.warnings:
+            log.info("anthropic request for %s: %s", name, warning)
+        call.stream = translated.stream
+        body = orjson.dumps(translated.body)
+        headers = upstream_headers(request.headers.get("x-request-id"))
+        if translated.stream:
+            return await _stream(request, engine, call, name, translated, body, headers)
+        return await _unary(engine, call, name, translated, body, headers)
+    except AnthropicError as exc:
+        call.status = exc.status
+        return _respond(exc)
+    except CortexError as exc:
+        mapped = _from_cortex(exc)
+        call.status = mapped.status
+        return _respond(mapped, cortex_headers(call) if call.node else None)
+    except NodeReplyError as exc:
+        mapped = _from_node(exc, estimate)
+        call.status = mapped.status
+        return _respond(mapped, cortex_headers(call))
+    finally:
+        engine.record(call.outcome())
+
+
+async def _unary(
+    engine: Engine, call: Call, name: str, req: OpenAIRequest, body: bytes, headers: dict[str, str]
+) -> web.Response:
+    lease, resp = await send(engine, call, "/v1/chat/completions", body, headers)
+    failed: str | None = None
+    try:
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(engine.settings.gateway.stream_idle_timeout_s):
+                raw = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            failed = f"{call.node}: reading the answer failed: {exc or type(exc).__name__}"
+            raise AnthropicError(502, "api_error", failed, should_retry=True) from None
+        finally:
+            call.upstream_s += time.monotonic() - t0
+    finally:
+        resp.release()
+        lease.release(failed=failed)
+    call.first_byte = time.monotonic()
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise AnthropicError(502, "api_error", f"{call.node} answered something that is not JSON") from None
+    if not isinstance(parsed, dict):
+        raise AnthropicError(502, "api_error", f"{call.node} answered an unexpected body")
+    usage = parsed.get("usage")
+    call.usage = usage if isinstance(usage, dict) else None
+    message = to_anthropic_message(
+        parsed,
+        model=name,
+        stop_sequences=req.stop_sequences,
+        thinking=req.thinking,
+        tool_aliases=req.tool_aliases,
+        input_tokens_estimate=req.input_tokens_estimate,
+    )
+    call.status = 200
+    return web.Response(
+        body=orjson.dumps(message),
+        content_type="application/json",
+        headers=cortex_headers(call, resp.headers.get("x-request-id")),
+    )
+
+
+def _load_notice(tr: StreamTranslator) -> Callable[[str, str, float], bytes]:
+    """While a model loads: ``message_start`` once (Anthropic streams must open with it), then pings."""
+
+    def notice(_model: str, _node: str, _elapsed: float) -> bytes:
+        opening = b"".join(encode_event(e) for e in tr.start()) if not tr.started else b""
+        return opening + _PING
+
+    return notice
+
+
+async def _stream(
+    request: web.Request,
+    engine: Engine,
+    call: Call,
+    name: str,
+    req: OpenAIRequest,
+    body: bytes,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    tr = StreamTranslator(
+        model=name,
+        stop_sequences=req.stop_sequences,
+        input_tokens_estimate=req.input_tokens_estimate,
+        thinking=req.thinking,
+        tool_aliases=req.tool_aliases,
+    )
+    try:
+        lease, response = await acquire_streaming(engine, call, request, _load_notice(tr))
+    except WaitFailed as exc:
+        err = _from_cortex(exc.error)
+        call.status = err.status
+        await exc.response.write(_error_event(err))
+        return exc.response
+    call.queue_s = lease.queue_s
+    try:
+        lease, resp = await send(engine, call, "/v1/chat/completions", body, headers, lease)
+    except (CortexError, NodeReplyError) as exc:
+        if response is None:
+            raise
+        err = _from_node(exc, req.input_tokens_estimate) if isinstance(exc, NodeReplyError) else _from_cortex(exc)
+        call.status = err.status
+        await response.write(_error_event(err))
+        return response
+    try:
+        return await _translate(request, engine, call, tr, lease, resp, response, req.input_tokens_estimate)
+    finally:
+        resp.release()
+
+
+async def _translate(
+    request: web.Request,
+    engine: Engine,
+    call: Call,
+    tr: StreamTranslator,
+    lease: Lease,
+    resp: aiohttp.ClientResponse,
+    response: web.StreamResponse | None,
+    estimate: int,
+) -> web.StreamResponse:
+    """Read the node's SSE, translate chunk by chunk, ping through silences."""
+    decoder = SSEDecoder()
+    idle = engine.settings.gateway.stream_idle_timeout_s
+    silent_since = time.monotonic()
+    failed: str | None = None
+    saw_done = False
+    call.status = 200
+    try:
+        while not tr.done and not saw_done:
+            t0 = time.monotonic()
+            try:
+                async with asyncio.timeout(min(PING_S, max(0.01, idle - (t0 - silent_since)))):
+                    raw = await resp.content.readany()
+            except TimeoutError:
+                call.upstream_s += time.monotonic() - t0
+                if time.monotonic() - silent_since >= idle:
+                    failed = f"{call.node} sent nothing for {idle:g} s"
+                    break
+                if response is None:
+                    response = await _open(request, call, resp)
+                await response.write(b"".join(encode_event(e) for e in tr.start()) + _PING)
+                continue
+            except aiohttp.ClientError as exc:
+                failed = f"{call.node} broke the stream: {exc or type(exc).__name__}"
+                break
+            now = time.monotonic()
+            call.upstream_s += now - t0
+            if not raw:
+                break
+            silent_since = now
+            out: list[bytes] = []
+            for event_name, data in decoder.feed(raw):
+                chunk = parse_data(event_name, data)
+                if chunk is DONE:
+                    saw_done = True
+                    break
+                if not isinstance(chunk, dict):
+                    continue
+                if (
+                    response is None
+                    and not tr.started
+                    and (err := upstream_chunk_error(chunk, prompt_tokens_estimate=estimate))
+                ):
+                    raise _EarlyError(err)
+                usage = chunk.get("usage")
+                if isinstance(usage, dict):
+                    call.usage = usage
+                out.extend(encode_event(e) for e in tr.feed(chunk))
+                if tr.done:
+                    break
+            if out:
+                if response is None:
+                    response = await _open(request, call, resp)
+                if call.first_byte is None:
+                    call.first_byte = time.monotonic()
+                await response.write(b"".join(out))
+        tail = tr.error(failed) if failed else tr.finish(saw_done=saw_done)
+        if response is None:
+            response = await _open(request, call, resp)
+        if tail:
+            await response.write(b"".join(encode_event(e) for e in tail))
+        if failed or (tail and tail[-1].get("type") == "error"):
+            call.status = 502
+    except _EarlyError as early:
+        lease.release()
+        lease = None  # type: ignore[assignment]
+        call.status = early.error.status
+        return _respond(early.error, cortex_headers(call))
+    except (ConnectionResetError, asyncio.CancelledError):
+        call.status = 499
+        resp.close()
+        raise
+    finally:
+        if lease is not None:
+            lease.release(failed=failed)
+    return response
+
+
+class _EarlyError(Exception):
+    """The node's first event was an error: answer with an HTTP error instead of a stream."""
+
+    def __init__(self, error: AnthropicError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+async def _open(request: web.Request, call: Call, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    response.headers.update(cortex_headers(call, resp.headers.get("x-request-id")))
+    await response.prepare(request)
+    return response
+
+
+async def handle_count_tokens(request: web.Request, engine: Engine, keys: list[bytes]) -> web.StreamResponse:
+    """``POST /v1/messages/count_tokens``: the node's own count when it offers one, else cortex's estimate."""
+    try:
+        check_api_key(request, keys)
+        _, data = await read_json(request, engine.settings.gateway.max_body_mb)
+        _, model = _model_of(engine, data)
+    except CortexError as exc:
+        return _respond(_from_cortex(exc))
+    node = engine.lifecycle.route(model)
+    if node is not None:
+        upstream = dict(data, model=model)
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+            async with asyncio.timeout(_COUNT_TOKENS_TIMEOUT_S):
+                async with engine.session.post(
+                    node.client.endpoint + "/v1/messages/count_tokens",
+                    data=orjson.dumps(upstream),
+                    headers=upstream_headers(None),
+                ) as resp:
+                    if resp.status == 200:
+                        answer = await resp.json(content_type=None)
+                        counted = answer.get("input_tokens") if isinstance(answer, dict) else None
+                        if isinstance(counted, int) and (counted > 0 or not data.get("messages")):
+                            return web.json_response({"input_tokens": counted})
+    try:
+        return web.json_response(count_tokens(data))
+    except AnthropicError as err:
+        return _respond(err)
+
+
+def add_anthropic_routes(app: web.Application, engine: Engine, keys: list[bytes]) -> None:
+    """Register the Anthropic routes (query strings such as ``?beta=true`` are ignored by routing)."""
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        return await handle_messages(request, engine, keys)
+
+    async def tokens(request: web.Request) -> web.StreamResponse:
+        return await handle_count_tokens(request, engine, keys)
+
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", tokens)

@@ -1,0 +1,105 @@
+"""Streams pass through chunk by chunk, and the gateway's timeouts hold (product §2 `[gateway]`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from cortex.sim import SimModel
+from tests.conftest import FleetFactory, NodeSpec
+
+HI: list[dict[str, Any]] = [{"role": "user", "content": "hi"}]
+
+
+def events(raw: bytes) -> list[str]:
+    """The data payloads of an SSE body (either `data:` spacing)."""
+    out = []
+    for frame in raw.decode().split("\n\n"):
+        frame = frame.strip()
+        if frame.startswith("data:"):
+            out.append(frame[5:].strip())
+    return out
+
+
+async def test_chunks_reach_the_client_as_the_node_sends_them(fleet: FleetFactory) -> None:
+    f = await fleet(NodeSpec("a", [SimModel("m1", 1000)], tok_s=12))
+    body = {"model": "m1", "messages": HI, "max_tokens": 12, "stream": True}
+    arrivals: list[tuple[float, bytes]] = []
+    started = time.monotonic()
+    async with f.http.post(f.url + "/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        assert resp.headers["x-cortex-node"] == "a"
+        async for chunk in resp.content.iter_any():
+            arrivals.append((time.monotonic() - started, chunk))
+    raw = b"".join(c for _, c in arrivals)
+    payloads = events(raw)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert len(chunks) == 12
+    assert chunks[-1]["usage"]["completion_tokens"] == 12
+    first_data = next(t for t, c in arrivals if b"data:" in c)
+    end = arrivals[-1][0]
+    # At 12 tok/s the node needs ~1 s; the first token must not wait for the last one.
+    assert end >= 0.9, end
+    assert first_data < end - 0.6, (first_data, end)
+    assert len(arrivals) >= 6, "the stream arrived in a few large pieces, not chunk by chunk"
+
+
+async def test_first_byte_timeout(fleet: FleetFactory) -> None:
+    f = await fleet(NodeSpec("a", [SimModel("m1", 1000)]), gateway={"first_byte_timeout_s": 0.3})
+    f.sim("a").set_first_byte_delay(2.0)
+    for stream in (False, True):
+        started = time.monotonic()
+        status, body, _ = await f.post(
+            "/v1/chat/completions", {"model": "m1", "messages": HI, "max_tokens": 2, "stream": stream}
+        )
+        elapsed = time.monotonic() - started
+        assert status in (502, 504), (stream, status, body)
+        assert elapsed < 1.5, elapsed
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert "first byte" in body["error"]["message"]
+
+
+async def test_first_byte_timeout_fails_over_to_another_node(fleet: FleetFactory) -> None:
+    f = await fleet(
+        NodeSpec("a", [SimModel("m1", 1000)]),
+        NodeSpec("b", [SimModel("m1", 1000)]),
+        gateway={"first_byte_timeout_s": 0.3},
+    )
+    f.sim("a").set_first_byte_delay(2.0)
+    status, body, headers = await f.post("/v1/chat/completions", {"model": "m1", "messages": HI, "max_tokens": 2})
+    assert status == 200, body
+    assert headers["x-cortex-node"] == "b"
+    assert len(f.inference_requests("a")) == 1
+
+
+async def test_stream_idle_timeout_ends_a_silent_stream_with_an_error_event(fleet: FleetFactory) -> None:
+    f = await fleet(NodeSpec("a", [SimModel("m1", 1000)], tok_s=1.0), gateway={"stream_idle_timeout_s": 0.3})
+    body = {"model": "m1", "messages": HI, "max_tokens": 5, "stream": True}
+    started = time.monotonic()
+    async with f.http.post(f.url + "/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+        raw = await asyncio.wait_for(resp.read(), 5)
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.5, elapsed  # not the node's 5 s
+    payloads = events(raw)
+    assert payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "0.3" in error["message"]
+
+
+async def test_mid_stream_drop_ends_the_client_stream_with_an_error(fleet: FleetFactory) -> None:
+    f = await fleet(NodeSpec("a", [SimModel("m1", 1000)], tok_s=50))
+    f.sim("a").drop_stream_after(3, abort=True)
+    body = {"model": "m1", "messages": HI, "max_tokens": 10, "stream": True}
+    async with f.http.post(f.url + "/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+        raw = await asyncio.wait_for(resp.read(), 5)
+    payloads = events(raw)
+    assert len([p for p in payloads if p.startswith('{"id"')]) == 3
+    assert payloads[-1] == "[DONE]"
+    assert "error" in json.loads(payloads[-2])

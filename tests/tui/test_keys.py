@@ -1,0 +1,250 @@
+"""Every action key on the dashboard: the command it submits, the dialogs in front of destructive ones."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from cortex.engine import CommandResult, NodeStatus, commands, events
+from cortex.tui.messages import CommandFinished, CommandSubmitted, EngineEventReceived
+from cortex.tui.screens.confirm import ConfirmScreen
+from tests.tui.conftest import Messages, select, settle
+from tests.tui.fakes import GEMMA, LLAMA, PHI, FakeEngine, build_app, build_fleet
+
+
+@pytest.mark.parametrize(
+    ("kind", "key", "press", "expected"),
+    [
+        ("model", GEMMA, "p", commands.PinModel(GEMMA)),
+        ("model", LLAMA, "p", commands.UnpinModel(LLAMA)),
+        ("model", PHI, "r", commands.LoadModel(PHI)),
+        ("node", "gpu-large", "d", commands.DrainNode("gpu-large")),
+        ("node", "gpu-medium", "d", commands.UndrainNode("gpu-medium")),
+    ],
+    ids=["pin", "unpin", "load", "drain", "undrain"],
+)
+async def test_direct_keys_submit_their_command(
+    engine: FakeEngine, messages: Messages, kind: str, key: str, press: str, expected: commands.Command
+) -> None:
+    app = build_app(engine)
+    async with app.run_test(size=(120, 40), message_hook=messages.append) as pilot:
+        await select(pilot, kind, key)
+        await pilot.press(press)
+        await settle(pilot)
+        assert engine.submitted == [expected]
+        assert [m.command for m in messages.of(CommandSubmitted) if isinstance(m, CommandSubmitted)] == [expected]
+        finished = [m for m in messages.of(CommandFinished) if isinstance(m, CommandFinished)]
+        assert len(finished) == 1 and finished[0].result is not None and finished[0].result.ok
+        notes = messages.notifications()
+        assert [(n.severity, n.message) for n in notes] == [("information", f"{type(expected).__name__} accepted")]
+
+
+@pytest.mark.parametrize(("answer", "submitted"), [("y", True), ("n", False), ("escape", False)])
+async def test_unload_asks_first(engine: FakeEngine, answer: str, submitted: bool) -> None:
+    app = build_app(engine)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await select(pilot, "model", GEMMA)
+        await pilot.press("u")
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "Unload google/gemma-2-9b-it from gpu-medium?" in app.screen.question
+        await pilot.press(answer)
+        await settle(pilot)
+        assert engine.submitted == ([commands.UnloadModel(GEMMA)] if submitted else [])
+        assert app.screen is app.dashboard
+
+
+async def test_unloading_a_pinned_model_asks_twice_and_forces(engine: FakeEngine) -> None:
+    app = build_app(engine)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await select(pilot, "model", LLAMA)
+        await pilot.press("u")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "PINNED" in app.screen.question
+        assert engine.submitted == []
+        await pilot.press("y")
+        await settle(pilot)
+        assert engine.submitted == [commands.UnloadModel(LLAMA, force=True)]
+
+
+async def test_declining_the_second_question_unloads_nothing(engine: FakeEngine) -> None:
+    app = build_app(engine)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await select(pilot, "model", LLAMA)
+        await pilot.press("u", "y", "n")
+        await settle(pilot)
+        assert engine.submitted == []
+        assert app.screen is app.dashboard
+
+
+@pytest.mark.parametrize(("answer", "submitted"), [("y", True), ("n", False)])
+async def test_restart_asks_first(engine: FakeEngine, answer: str, submitted: bool) -> None:
+    app = build_app(engine)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await select(pilot, "node", "gpu-small")
+        await pilot.press("R")
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "gpu-small" in app.screen.question
+        await pilot.press(answer)
+        await settle(pilot)
+        assert engine.submitted == ([commands.RestartNode("gpu-small")] if submitted else [])
+
+
+async def test_confirm_buttons_answer_too(engine: FakeEngine) -> None:
+    app = build_app(engine)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await select(pilot, "node", "gpu-large")
+        await pilot.press("R")
+        await pilot.click("#yes")
+        await settle(pilot)
+        assert engine.submitted == [commands.RestartNode("gpu-large")]
+        await pilot.press("R")
+        await pilot.press("enter")  # "No" has the focus
+        await settle(pilot)
+        assert engine.submitted == [commands.RestartNode("gpu-large")]
+
+
+async def test_tab_moves_the_selection_between_nodes_and_models(engine: FakeEngine) -> None:
+    app = build_app(engine)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        assert app.dashboard.selection is not None and app.dashboard.selection.key == "gpu-large"
+        await pilot.press("d")
+        await pilot.press("tab", "down")
+        assert app.dashboard.selection is not None and app.dashboard.selection.key == LLAMA
+        await pilot.press("p")
+        await settle(pilot)
+        assert engine.submitted == [commands.DrainNode("gpu-large"), commands.UnpinModel(LLAMA)]
+
+
+@pytest.mark.parametrize("key", ["p", "u", "r"])
+async def test_model_keys_need_a_model(engine: FakeEngine, messages: Messages, key: str) -> None:
+    app = build_app(engine)
+    async with app.run_test(size=(120, 40), message_hook=messages.append) as pilot:
+        await select(pilot, "node", "gpu-large")
+        await pilot.press(key)
+        await settle(pilot)
+        assert engine.submitted == []
+        assert app.screen is app.dashboard
+        assert [n.severity for n in messages.notifications()] == ["warning"]
+
+
+@pytest.mark.parametrize("key", ["d", "R"])
+async def test_node_keys_need_a_node(engine: FakeEngine, messages: Messages, key: str) -> None:
+    app = build_app(engine)
+    async with app.run_test(size=(120, 40), message_hook=messages.append) as pilot:
+        await select(pilot, "model", GEMMA)
+        await pilot.press(key)
+        await settle(pilot)
+        assert engine.submitted == []
+        assert "select a node first" in messages.notifications()[0].message
+
+
+async def test_read_only_submits_nothing_and_says_why(engine: FakeEngine, messages: Messages) -> None:
+    app = build_app(engine, read_only=True)
+    async with app.run_test(size=(120, 40), message_hook=messages.append) as pilot:
+        for kind, key, keys in (("model", LLAMA, "pur"), ("node", "gpu-large", "dR")):
+            await select(pilot, kind, key)
+            for press in keys:
+                await pilot.press(press)
+                assert app.screen is app.dashboard
+        await settle(pilot)
+        assert engine.submitted == []
+        notes = messages.notifications()
+        assert len(notes) == 5
+        assert all(n.message.startswith("read-only console: ") for n in notes)
+
+
+async def test_a_refused_command_is_an_error_notification(engine: FakeEngine, messages: Messages) -> None:
+    engine.results[commands.PinModel] = CommandResult(False, "gpu-medium has no room for it")
+    app = build_app(engine)
+    async with app.run_test(size=(120, 40), message_hook=messages.append) as pilot:
+        await select(pilot, "model", GEMMA)
+        await pilot.press("p")
+        await settle(pilot)
+        [note] = messages.notifications()
+        assert (note.severity, note.message, note.title) == ("error", "gpu-medium has no room for it", f"pin {GEMMA}")
+
+
+async def test_a_raising_submit_is_an_error_notification(engine: FakeEngine, messages: Messages) -> None:
+    engine.fail_with = RuntimeError("engine stopped")
+    app = build_app(engine)
+    async with app.run_test(size=(120, 40), message_hook=messages.append) as pilot:
+        await select(pilot, "model", PHI)
+        await pilot.press("r")
+        await settle(pilot)
+        [note] = messages.notifications()
+        assert note.severity == "error" and "engine stopped" in note.message
+        [finished] = [m for m in messages.of(CommandFinished) if isinstance(m, CommandFinished)]
+        assert finished.result is None and "engine stopped" in finished.error
+
+
+async def test_keys_do_nothing_behind_a_dialog(engine: FakeEngine) -> None:
+    app = build_app(engine)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await select(pilot, "node", "gpu-large")
+        await pilot.press("R")
+        dialog = app.screen
+        await pilot.press("d", "R", "p", "question_mark", "slash", "s", "q")
+        assert app.screen is dialog and len(app.screen_stack) == 2
+        await pilot.press("n")
+        await settle(pilot)
+        assert engine.submitted == []
+
+
+async def test_engine_events_become_notifications(engine: FakeEngine, messages: Messages) -> None:
+    app = build_app(engine)
+    async with app.run_test(size=(120, 40), message_hook=messages.append) as pilot:
+        await pilot.pause()
+        engine.events.put_nowait(events.NodeWentDown(node="gpu-small", reason="3 polls failed"))
+        engine.events.put_nowait(events.ModelLoadFailed(node="gpu-medium", model=PHI, message="out of memory"))
+        engine.events.put_nowait(events.DefragFinished(node="gpu-large", ok=True))
+        while len(messages.of(EngineEventReceived)) < 3:
+            await pilot.pause()
+        await pilot.pause()
+        notes = [(n.severity, n.message) for n in messages.notifications()]
+        assert notes == [
+            ("error", "Node gpu-small is down: 3 polls failed"),
+            ("error", f"Loading {PHI} on gpu-medium failed: out of memory"),
+            ("information", "Defrag of gpu-large finished"),
+        ]
+        assert engine.subscribed == 1
+
+
+async def test_lifecycle_events_redraw_at_once(engine: FakeEngine) -> None:
+    app = build_app(engine)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        fleet = engine.fleet
+        down = replace(fleet.nodes[0], status=NodeStatus.DOWN)
+        engine.fleet = replace(fleet, nodes=(down, *fleet.nodes[1:]))
+        engine.events.put_nowait(events.NodeWentDown(node="gpu-large", reason="gone"))
+        table = app.dashboard.query_one("#nodes")
+        from cortex.tui.widgets.fleet_table import FleetTable
+
+        assert isinstance(table, FleetTable)
+        while table.cell_text(0, "status") != "down":
+            await pilot.pause()
+
+
+async def test_quit_without_traffic_exits_with_zero() -> None:
+    app = build_app(FakeEngine(build_fleet(in_flight=0)))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("q")
+        await pilot.pause()
+    assert app.return_value == 0
+
+
+async def test_quit_with_requests_in_flight_asks(engine: FakeEngine) -> None:
+    app = build_app(engine)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("q")
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "3 request(s) in flight" in app.screen.question
+        await pilot.press("n")
+        assert app.is_running and app.screen is app.dashboard
+        await pilot.press("q", "y")
+        await pilot.pause()
+    assert app.return_value == 0
