@@ -63,25 +63,53 @@ def _stat_fields(pid: int) -> list[str]:
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:
-    """utime+stime (and reaped children's cutime+cstime) of ``pids``, summed, in seconds."""
-    ticks = 0
+    """CPU time of ``pids`` and their reaped children, summed, in seconds.
+
+    utime+stime as /proc/PID/stat counts them, but read from each thread's /proc/PID/task/TID/schedstat
+    (the same on-CPU time, in nanoseconds rather than 10 ms ticks) where the kernel provides it; the
+    reaped children's cutime+cstime can only come from /proc/PID/stat.
+    """
+    total = 0.0
     for pid in pids:
         with contextlib.suppress(OSError, ValueError, IndexError):
             f = _stat_fields(pid)
-            ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-    return ticks / CLK_TCK
+            ticks = int(f[13]) + int(f[14])
+            precise = _schedstat_ns(pid)
+            if precise is None:
+                ticks += int(f[11]) + int(f[12])
+            else:
+                total += precise / 1e9
+            total += ticks / CLK_TCK
+    return total
+
+
+def _schedstat_ns(pid: int) -> int | None:
+    """On-CPU nanoseconds of every live thread of ``pid`` (None without schedstat)."""
+    ns = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns += int(f.read().split()[0])
+        except FileNotFoundError:
+            continue  # the thread ended: its time is lost either way
+        except (OSError, ValueError, IndexError):
+            return None
+    return ns
 
 
 def rss_bytes(pids: Sequence[int]) -> int:
     """VmRSS of ``pids``, summed, in bytes."""
     total = 0
     for pid in pids:
-        with contextlib.suppress(OSError, ValueError):
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-                        break
+        with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
     return total
 
 
@@ -115,7 +143,9 @@ def group_members(pgid: int) -> list[int]:
 class Proc:
     """A child process in its own process group, its output in ``log_dir/NAME.log``."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_dir / f"{name}.log"
@@ -126,7 +156,7 @@ class Proc:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
         )
 
@@ -172,8 +202,8 @@ class Procs:
         self.log_dir = log_dir
         self.items: list[Proc] = []
 
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Proc:
-        proc = Proc(name, argv, self.log_dir, env)
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> Proc:
+        proc = Proc(name, argv, self.log_dir, env, cwd)
         self.items.append(proc)
         return proc
 
@@ -216,19 +246,29 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, proc: Proc | 
         time.sleep(0.05)
 
 
-def sim_argv(port: int, name: str, *, models: Sequence[str], unloaded: Sequence[str] = (), load_s: float = 0.0,
-             tok_s: float = 0.0, vram_mb: int = 49152, extra: Sequence[str] = ()) -> list[str]:  # fmt: skip
+def sim_argv(
+    port: int,
+    name: str,
+    *,
+    models: Sequence[str],
+    unloaded: Sequence[str] = (),
+    load_s: float = 0.0,
+    tok_s: float = 0.0,
+    vram_mb: int = 49152,
+    extra: Sequence[str] = (),
+) -> list[str]:
     """``python -m cortex.sim`` with these flags (``models``: ``ID=MB``)."""
     argv = [PY, "-m", "cortex.sim", "--port", str(port), "--name", name, "--vram-mb", str(vram_mb)]
     for m in models:
         argv += ["--model", m]
     for m in unloaded:
         argv += ["--unloaded", m]
-    return argv + ["--load-s", str(load_s), "--tok-s", str(tok_s), *extra]
+    return [*argv, "--load-s", str(load_s), "--tok-s", str(tok_s), *extra]
 
 
-def cortex_config(path: Path, *, port: int, metrics_port: int, nodes: Sequence[tuple[str, int, Sequence[str]]],
-                  extra: str = "") -> None:  # fmt: skip
+def cortex_config(
+    path: Path, *, port: int, metrics_port: int, nodes: Sequence[tuple[str, int, Sequence[str]]], extra: str = ""
+) -> None:
     """Write a cortex TOML for benchmarks: loopback listeners, poll every 2 s, ``nodes`` as (name, port, pins)."""
     lines = [
         "[gateway]",

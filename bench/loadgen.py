@@ -9,7 +9,8 @@ Jobs (``mode``):
 * ``requests`` — non-streaming POSTs over ``concurrency`` raw HTTP/1.1 keep-alive connections (a tiny
   hand-written client: far cheaper per request than aiohttp's, so the generator is not the bottleneck);
   per-request latency, req/s, proxy CPU.
-* ``ttfb`` — streaming POSTs, one at a time, raw client: time to the first ``data:`` byte and to the end.
+* ``interleaved`` — concurrency 1 across several targets, one request to each in turn: latency
+  (``kind: requests``) or time to the first ``data:`` byte (``kind: ttfb``), with each target's CPU.
 * ``stream`` — streaming POSTs at ``concurrency`` with aiohttp: SSE events and reads counted, ``[DONE]`` (or
   ``done_marker``) checked, proxy CPU.
 * ``steps`` — a list of the jobs above, run in order in this one process.
@@ -28,7 +29,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from benchlib import cpu_seconds, quantile, raise_nofile, rss_bytes  # noqa: E402
+from benchlib import cpu_seconds, quantile, raise_nofile, rss_bytes
 
 HEADERS = {"Content-Type": "application/json", "Accept": "*/*", "User-Agent": "cortex-bench/1"}
 
@@ -57,7 +58,7 @@ async def _read_body(reader: asyncio.StreamReader, head: bytes) -> tuple[bytes, 
         j = head.find(b"\r\n", i + 2)
         return await reader.readexactly(int(head[i + 17 : j])), close
     if b"\r\ntransfer-encoding: chunked" in head:
-        parts = []
+        parts: list[bytes] = []
         while True:
             size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
             if size == 0:
@@ -86,7 +87,8 @@ class RawConn:
     async def send(self, data: bytes) -> asyncio.StreamReader:
         if self.writer is None:
             await self.open()
-        assert self.writer is not None and self.reader is not None
+        assert self.writer is not None
+        assert self.reader is not None
         self.writer.write(data)
         return self.reader
 
@@ -145,50 +147,81 @@ async def run_requests(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def run_ttfb(job: dict[str, Any]) -> dict[str, Any]:
-    host, port, path = job["host"], job["port"], job["path"]
-    req = _request_bytes(host, port, path, job["body"].encode())
-    conn = RawConn(host, port)
-    await conn.open()
-    ttfb: list[float] = []
-    total: list[float] = []
-    errors = 0
-    pids = job.get("pids", [])
-    cpu0 = 0.0
-    for i in range(job.get("warmup", 0) + job["requests"]):
-        if i == job.get("warmup", 0):
-            cpu0 = cpu_seconds(pids)
-        t0 = time.perf_counter()
-        reader = await conn.send(req)
-        status, head = await _read_head(reader)
-        if status != 200 or b"chunked" not in head:
-            errors += 1
-            _, close = await _read_body(reader, head)
-            conn.close()
-            continue
-        await reader.readuntil(b"data:")
-        t1 = time.perf_counter()
-        rest = await reader.readuntil(b"\r\n0\r\n\r\n")
-        t2 = time.perf_counter()
-        if b"[DONE]" not in rest:
-            errors += 1
-        if b"\r\nconnection: close" in head:
-            conn.close()
-        if i >= job.get("warmup", 0):
-            ttfb.append(t1 - t0)
-            total.append(t2 - t0)
+async def _timed_request(conn: RawConn, req: bytes, expect: bytes) -> tuple[float, bool]:
+    """One non-streaming request: (seconds to the whole answer, ok)."""
+    t0 = time.perf_counter()
+    reader = await conn.send(req)
+    status, head = await _read_head(reader)
+    body, close = await _read_body(reader, head)
+    elapsed = time.perf_counter() - t0
+    if close:
+        conn.close()
+    return elapsed, status == 200 and expect in body
+
+
+async def _timed_stream(conn: RawConn, req: bytes) -> tuple[float, bool]:
+    """One streaming request: (seconds to the first ``data:`` byte, ok), read to its end."""
+    t0 = time.perf_counter()
+    reader = await conn.send(req)
+    status, head = await _read_head(reader)
+    if status != 200 or b"chunked" not in head:
+        await _read_body(reader, head)
+        conn.close()
+        return 0.0, False
+    await reader.readuntil(b"data:")
+    first = time.perf_counter() - t0
+    rest = await reader.readuntil(b"\r\n0\r\n\r\n")
+    if b"\r\nconnection: close" in head:
+        conn.close()
+    return first, b"[DONE]" in rest
+
+
+async def run_interleaved(job: dict[str, Any]) -> dict[str, Any]:
+    """Concurrency 1, one request to each target in turn (the order rotating), so that whatever else the
+    machine does falls on every target alike. ``kind``: ``requests`` (latency) or ``ttfb`` (streams)."""
+    targets = job["targets"]
+    body = job["body"].encode()
+    expect = job.get("expect", "").encode()
+    conns, reqs = [], []
+    for t in targets:
+        conns.append(RawConn(t["host"], t["port"]))
+        reqs.append(_request_bytes(t["host"], t["port"], job["path"], body))
+        await conns[-1].open()
+
+    async def one(j: int) -> tuple[float, bool]:
+        if job["kind"] == "ttfb":
+            return await _timed_stream(conns[j], reqs[j])
+        return await _timed_request(conns[j], reqs[j], expect)
+
+    k = len(targets)
+    samples: list[list[float]] = [[] for _ in targets]
+    errors = [0] * k
+    for _ in range(job.get("warmup", 0)):
+        for j in range(k):
+            await one(j)
+    cpu0 = [cpu_seconds(t.get("pids", [])) for t in targets]
+    for i in range(job["requests"]):
+        for step in range(k):
+            j = (i + step) % k
+            seconds, ok = await one(j)
+            samples[j].append(seconds)
+            errors[j] += not ok
     await asyncio.sleep(0.05)
-    cpu = cpu_seconds(pids) - cpu0
-    conn.close()
-    return {
-        "requests": job["requests"],
-        "errors": errors,
-        "ttfb_p50_ms": quantile(ttfb, 0.5) * 1e3,
-        "ttfb_p99_ms": quantile(ttfb, 0.99) * 1e3,
-        "total_p50_ms": quantile(total, 0.5) * 1e3,
-        "cpu_us_per_stream": cpu / job["requests"] * 1e6 if pids else None,
-        "ttfb_ms": [round(x * 1e3, 4) for x in ttfb],
-    }
+    out = {}
+    for j, t in enumerate(targets):
+        pids = t.get("pids", [])
+        cpu = cpu_seconds(pids) - cpu0[j]
+        conns[j].close()
+        out[t["name"]] = {
+            "requests": job["requests"],
+            "errors": errors[j],
+            "cpu_s": cpu,
+            "cpu_us_per_req": cpu / job["requests"] * 1e6 if pids else None,
+            "p50_ms": quantile(samples[j], 0.5) * 1e3,
+            "p99_ms": quantile(samples[j], 0.99) * 1e3,
+            "samples_ms": [round(x * 1e3, 4) for x in samples[j]],
+        }
+    return {"targets": out}
 
 
 # -- streams with aiohttp --------------------------------------------------------------------------------
@@ -236,7 +269,7 @@ async def one_stream(
                 stats.reads += 1
                 carry = buf[-(len(marker) - 1) :]
                 tail = (tail + chunk)[-256:]
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         stats.errors += 1
         return
     stats.ended.append(time.monotonic())
@@ -260,21 +293,21 @@ async def run_stream(job: dict[str, Any]) -> dict[str, Any]:
     conc = job["concurrency"]
     async with _session() as session:
 
-        async def batch(n: int, stats: StreamStats) -> None:
+        async def batch(n: int, stats: StreamStats, data: bytes, expect_events: int | None) -> None:
             left = [n]
 
             async def worker() -> None:
                 while left[0] > 0:
                     left[0] -= 1
-                    await one_stream(session, url, body, stats, marker=marker, done=done, expect_events=expect)
+                    await one_stream(session, url, data, stats, marker=marker, done=done, expect_events=expect_events)
 
             await asyncio.gather(*(worker() for _ in range(conc)))
 
-        await batch(job.get("warmup", 0), StreamStats())
+        await batch(job.get("warmup", 0), StreamStats(), job.get("warm_body", job["body"]).encode(), None)
         await asyncio.sleep(0.05)
         stats = StreamStats()
         cpu0, t0 = cpu_seconds(pids), time.perf_counter()
-        await batch(job["streams"], stats)
+        await batch(job["streams"], stats, body, expect)
         elapsed = time.perf_counter() - t0
         await asyncio.sleep(0.1)
         cpu = cpu_seconds(pids) - cpu0
@@ -308,8 +341,16 @@ async def run_hold(job: dict[str, Any]) -> dict[str, Any]:
             live[1] = max(live[1], live[0])
 
         try:
-            await one_stream(session, url, body, stats, marker=b"data:", done=b"[DONE]",
-                             expect_events=job.get("expect_events"), on_first=first)  # fmt: skip
+            await one_stream(
+                session,
+                url,
+                body,
+                stats,
+                marker=b"data:",
+                done=b"[DONE]",
+                expect_events=job.get("expect_events"),
+                on_first=first,
+            )
         finally:
             if got[0]:
                 live[0] -= 1
@@ -355,7 +396,7 @@ async def run_hold(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-RUNNERS = {"requests": run_requests, "ttfb": run_ttfb, "stream": run_stream, "hold": run_hold}
+RUNNERS = {"requests": run_requests, "interleaved": run_interleaved, "stream": run_stream, "hold": run_hold}
 
 
 async def run_steps(job: dict[str, Any]) -> dict[str, Any]:

@@ -16,8 +16,19 @@ import signal
 import aiohttp
 from aiohttp import web
 
-HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-       "transfer-encoding", "upgrade", "host", "content-length"}  # fmt: skip
+HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
 
 
 def make_app(session: aiohttp.ClientSession, upstream: str) -> web.Application:

@@ -10,13 +10,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 
 from cortex import __version__
-from cortex.config import ConfigFileError, Settings, find_config_file, format_validation_error, load_settings
+from cortex.config import (
+    ConfigFileError,
+    Settings,
+    find_config_file,
+    format_validation_error,
+    load_settings,
+    parse_listen,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -154,8 +162,19 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
-        print(f"cortex: gateway.listen: cannot listen on {settings.gateway.listen}: {exc.strerror}", file=sys.stderr)
+        key, address = _unbindable(settings, exc)
+        print(f"cortex: {key}: cannot listen on {address}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+
+
+def _unbindable(settings: Settings, exc: OSError) -> tuple[str, str]:
+    """The config key and address a bind error is about: ``metrics_listen`` when the error names its port."""
+    metrics = settings.gateway.metrics_listen
+    if metrics:
+        port = parse_listen(metrics)[1]
+        if port and port != parse_listen(settings.gateway.listen)[1] and re.search(rf"\b{port}\b", str(exc)):
+            return "gateway.metrics_listen", metrics
+    return "gateway.listen", settings.gateway.listen
 
 
 if __name__ == "__main__":

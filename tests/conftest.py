@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -32,11 +32,11 @@ WAIT_S = 5.0
 
 
 @pytest.fixture(autouse=True)
-def _state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def _state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Keep state files (learned footprints, live pins) out of the real home directory."""
     state = tmp_path / "xdg-state"
     monkeypatch.setenv("XDG_STATE_HOME", str(state))
-    yield state
+    return state
 
 
 @dataclass
@@ -83,9 +83,9 @@ class Fleet:
         """The requests a simulated node received on an inference path."""
         return [r for r in self.sims[name].requests if r.path == path]
 
-    async def wait_for(self, predicate: Any, timeout: float = WAIT_S, what: str = "condition") -> None:
+    async def wait_for(self, predicate: Any, limit_s: float = WAIT_S, what: str = "condition") -> None:
         """Poll ``predicate()`` every 20 ms until it is true (bounded)."""
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = asyncio.get_running_loop().time() + limit_s
         while not predicate():
             if asyncio.get_running_loop().time() > deadline:
                 raise AssertionError(f"timed out waiting for {what}")
@@ -141,7 +141,9 @@ async def fleet(tmp_path: Path) -> AsyncIterator[FleetFactory]:
                 stack.push_async_callback(sim.stop)
                 sims[spec.name] = sim
             settings = Settings(
-                gateway=GatewaySettings(**{"listen": "127.0.0.1:0", "metrics_listen": "", "drain_s": 2.0, **(gateway or {})}),
+                gateway=GatewaySettings(
+                    **{"listen": "127.0.0.1:0", "metrics_listen": "", "drain_s": 2.0, **(gateway or {})}
+                ),
                 poll=PollSettings(**{"interval_s": 0.1, "timeout_s": 1.0, **(poll or {})}),
                 nodes=[
                     NodeSettings(name=s.name, endpoint=sims[s.name].url, vram_mb=s.vram_mb, pinned=list(s.pinned))

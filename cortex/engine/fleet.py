@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 class SlotRec:
     """One model on one node (mutable)."""
 
-    __slots__ = ("in_flight", "last_used", "loaded_at", "model_id", "state", "state_since")
+    __slots__ = ("acted_at", "in_flight", "last_used", "loaded_at", "model_id", "state", "state_since")
 
     def __init__(self, model_id: str, state: SlotState, now: float) -> None:
         self.model_id = model_id
@@ -49,6 +49,8 @@ class SlotRec:
         self.in_flight = 0
         self.last_used = 0.0
         self.loaded_at: float | None = now if state is SlotState.LOADED else None
+        self.acted_at = 0.0
+        """When cortex itself last set the state (not a poll): a poll read before then is stale for it."""
 
 
 class NodeRec:
@@ -269,9 +271,7 @@ class Fleet:
     def _loading_floor(self, node: NodeRec) -> int:
         if not node.load_floor:
             return 0
-        pending = sum(
-            self.footprint(s.model_id) or 0 for s in node.slots.values() if s.state is SlotState.LOADING
-        )
+        pending = sum(self.footprint(s.model_id) or 0 for s in node.slots.values() if s.state is SlotState.LOADING)
         return max(node.load_floor.values()) + pending
 
     def begin_load(self, node: NodeRec, model_id: str, victims: tuple[str, ...]) -> None:
@@ -293,8 +293,8 @@ class Fleet:
 
     # -- state changes from polls ---------------------------------------------------------------------
 
-    def set_slot(self, node: NodeRec, model_id: str, state: SlotState) -> SlotRec:
-        """Move a slot to a state (creating it), stamping the time."""
+    def set_slot(self, node: NodeRec, model_id: str, state: SlotState, *, by_poll: bool = False) -> SlotRec:
+        """Move a slot to a state (creating it), stamping the time (and, unless ``by_poll``, cortex's act)."""
         now = self.clock()
         slot = node.slots.get(model_id)
         if slot is None:
@@ -303,6 +303,8 @@ class Fleet:
         elif slot.state is not state:
             slot.state = state
             slot.state_since = now
+        if not by_poll:
+            slot.acted_at = now
         if state is SlotState.LOADED and slot.loaded_at is None:
             slot.loaded_at = now
         elif state is not SlotState.LOADED:
@@ -312,9 +314,18 @@ class Fleet:
         self.touch()
         return slot
 
-    def poll_ok(self, node: NodeRec, models: dict[str, str], info: SystemInfo | None) -> bool:
-        """Apply a good poll. Returns True when the node just came (back) up."""
+    def poll_ok(
+        self, node: NodeRec, models: dict[str, str], info: SystemInfo | None, *, fresh: bool = False
+    ) -> bool:
+        """Apply a good poll. Returns True when the node just came (back) up.
+
+        A node's polls run one after another, so this one started after the previous one was applied
+        (``last_poll``). A slot cortex changed since then may have been read before the change (a load that
+        finished while the poll was in flight would be read back as ``reloading``): its state is left to
+        the next poll. ``fresh``: the caller read the node after its own last action; apply everything.
+        """
         came_up = node.health is not NodeStatus.UP
+        previous = node.last_poll
         node.health = NodeStatus.UP
         node.failures = 0
         node.request_failures = 0
@@ -326,6 +337,8 @@ class Fleet:
             slot = node.slots.get(model_id)
             if slot is not None and slot.state in (SlotState.LOADING, SlotState.UNLOADING):
                 continue  # cortex is acting on it; its own answer decides
+            if slot is not None and slot.acted_at > previous and not (came_up or fresh):
+                continue  # possibly read before cortex's own change: the next poll tells
             if status == "loaded":
                 new = SlotState.LOADED
             elif status == "reloading":
@@ -335,7 +348,7 @@ class Fleet:
             old = slot.state if slot is not None else None
             if old is new:
                 continue
-            self.set_slot(node, model_id, new)
+            self.set_slot(node, model_id, new, by_poll=True)
             if old is not None and not came_up:
                 if new is SlotState.LOADED:
                     self.bus.publish(ModelLoaded(node.name, model_id))

@@ -432,6 +432,12 @@ class Lifecycle:
                 continue
             if slot.state is not SlotState.UNLOADED or model in self.fleet.loading:
                 continue
+            # The last report may predate an unload just done (a defrag's trim, a reconcile): read it again,
+            # or memory already free would look taken and the pin would be skipped until the node restarts.
+            await self._fresh_used(node)
+            slot = node.slots.get(model)
+            if slot is None or slot.state is not SlotState.UNLOADED or model in self.fleet.loading:
+                continue
             snap = self.fleet.snapshot().node(node.name)
             if snap is None:
                 continue
@@ -504,7 +510,7 @@ class Lifecycle:
             fleet.touch()
             with contextlib.suppress(NodeError):
                 models = await node.client.models()
-                fleet.poll_ok(node, models, await node.client.system_info())
+                fleet.poll_ok(node, models, await node.client.system_info(), fresh=True)
             for model, slot in list(node.slots.items()):
                 if (
                     slot.state is SlotState.LOADED

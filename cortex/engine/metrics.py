@@ -5,24 +5,31 @@ test process. Per-request metrics are recorded once, when a request ends, from o
 labelled children are cached per label tuple because ``labels()`` costs more than the increment itself.
 Fleet gauges (node up, VRAM, loaded, pinned, in flight, queue depth) are not updated as things change: a
 collector reads the current snapshot when Prometheus scrapes, so they can never drift from the truth.
-Label values are bounded: the gateway passes a catalogue model id or ``unknown``, never raw client input.
+Label values are bounded: the gateway passes a catalogue model id or ``unknown``, never raw client input;
+load results and unload reasons are mapped onto their documented sets here.
+
+Counters and histograms are registered without their ``_created`` series (one extra gauge per labelled
+child in the text format, which Prometheus stores as a series of its own): prometheus-client only offers a
+process-wide switch for that, so each metric is registered through a small collector that drops them.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from cortex.engine.state import FleetSnapshot, FleetTotals, RequestRecord, SlotState, WindowStats
 
-__all__ = ["CortexMetrics", "RequestOutcome", "SlidingWindow"]
+__all__ = ["LOAD_RESULTS", "UNLOAD_REASONS", "CortexMetrics", "RequestOutcome", "SlidingWindow", "usage_figures"]
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
@@ -30,6 +37,14 @@ _TPS_BUCKETS = (1, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 _MIB = 1024 * 1024
+LOAD_RESULTS = frozenset({"ok", "failed", "timeout"})
+"""Values of ``cortex_model_loads_total{result}``; anything else is counted as ``failed``."""
+UNLOAD_REASONS = frozenset({"evict", "ttl", "manual", "defrag"})
+"""Values of ``cortex_model_unloads_total{reason}`` (product spec §5).
+
+The lifecycle's ``reconcile`` unloads (a node found over its VRAM budget) are evictions, and any other
+reason is counted as ``evict`` too, so the label set stays the documented one.
+"""
 
 
 @dataclass(slots=True)
@@ -72,6 +87,8 @@ class SlidingWindow:
 
     def _bucket(self, second: int) -> int:
         i = second % self.size
+        if self._sec[i] > second:
+            return -1  # older than the window (a wall clock stepped back): never wipe a newer second
         if self._sec[i] != second:
             self._sec[i] = second
             self._req[i] = self._err[i] = self._tok[i] = self._ttft_n[i] = 0
@@ -81,6 +98,8 @@ class SlidingWindow:
     def add(self, now: float, *, error: bool, tokens: int, ttft: float | None, decode: float | None) -> None:
         """Count one finished request at time ``now``."""
         i = self._bucket(int(now))
+        if i < 0:
+            return
         self._req[i] += 1
         self._err[i] += error
         self._tok[i] += tokens
@@ -109,9 +128,9 @@ class SlidingWindow:
             tok_series.append(float(self._tok[i]))
             n = self._ttft_n[i]
             ttft_series.append(self._ttft_sum[i] / n if n else 0.0)
-        horizon = now - self.size
-        ttfts = sorted(v for t, v in self._ttft if t > horizon)
-        decodes = sorted(v for t, v in self._decode if t > horizon)
+        horizon = cur - self.size + 1  # the same seconds as the buckets
+        ttfts = sorted(v for t, v in self._ttft if t >= horizon)
+        decodes = sorted(v for t, v in self._decode if t >= horizon)
         return WindowStats(
             req_s=req / self.size,
             tok_s=tok / self.size,
@@ -132,18 +151,51 @@ def _quantile(sorted_values: list[float], q: float) -> float | None:
 
 
 def usage_figures(outcome: RequestOutcome) -> tuple[int, int, float | None]:
-    """(prompt tokens, completion tokens, decode tok/s) from the usage, else from cortex's own clock."""
+    """(prompt tokens, completion tokens, decode tok/s) of a finished request.
+
+    Token counts come from the node's usage (mistral.rs or OpenAI names, else Anthropic ones). Decode speed
+    is mistral.rs's ``avg_compl_tok_per_sec`` when it is there and non-zero; otherwise, for a stream, it is
+    measured on cortex's clock from the first forwarded byte to the end (the first token is excluded: it
+    arrived with that byte). A non-streaming answer without the rate gives None, since cortex sees its
+    tokens arrive all at once and cannot tell decode time from prefill and queueing.
+    """
     usage = outcome.usage or {}
-    prompt = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
-    completion = usage.get("completion_tokens") or usage.get("output_tokens") or 0
-    prompt = int(prompt) if isinstance(prompt, int | float) else 0
-    completion = int(completion) if isinstance(completion, int | float) else 0
+    prompt = _count(usage, "prompt_tokens", "input_tokens")
+    completion = _count(usage, "completion_tokens", "output_tokens")
     decode = usage.get("avg_compl_tok_per_sec")
-    if isinstance(decode, int | float) and decode > 0:
+    if isinstance(decode, int | float) and not isinstance(decode, bool) and decode > 0:
         return prompt, completion, float(decode)
-    if completion > 1 and outcome.first_byte is not None and outcome.ended > outcome.first_byte:
-        return prompt, completion, (completion - 1) / (outcome.ended - outcome.first_byte)
+    first = outcome.first_byte
+    if outcome.stream and completion > 1 and first is not None and outcome.ended > first:
+        return prompt, completion, (completion - 1) / (outcome.ended - first)
     return prompt, completion, None
+
+
+def _count(usage: dict[str, Any], *keys: str) -> int:
+    """The first positive integer count among ``keys`` (0 when none)."""
+    for key in keys:
+        value = usage.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return int(value)
+    return 0
+
+
+class _WithoutCreated(Collector):
+    """One counter or histogram, collected without its ``_created`` samples.
+
+    Registry-local, unlike prometheus-client's process-wide ``disable_created_metrics()``.
+    """
+
+    def __init__(self, metric: MetricWrapperBase) -> None:
+        self._metric = metric
+
+    def describe(self) -> Iterable[Metric]:
+        return self._metric.describe()
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._metric.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
 
 
 class _FleetCollector(Collector):
@@ -186,6 +238,48 @@ class _FleetCollector(Collector):
         yield from families
 
 
+class _Children:
+    """The labelled children one (model, node, api, status) records into.
+
+    ``labels()`` costs more than an increment, so they are looked up once. Those that only some requests
+    touch (TTFT, tokens, decode speed) are created on first use, so an error that never reached a node
+    adds no all-zero token or TTFT series.
+    """
+
+    __slots__ = ("_completion", "_decode", "_key", "_metrics", "_prompt", "_ttft", "duration", "overhead", "requests")
+
+    def __init__(self, metrics: CortexMetrics, model: str, node: str, api: str, status: int) -> None:
+        self._metrics = metrics
+        self._key = (model, node, api)
+        self.requests: Counter = metrics.requests.labels(model, node, api, str(status))
+        self.duration: Histogram = metrics.duration.labels(model, node, api)
+        self.overhead: Histogram = metrics.overhead.labels(api)
+        self._ttft: Histogram | None = None
+        self._prompt: Counter | None = None
+        self._completion: Counter | None = None
+        self._decode: Histogram | None = None
+
+    def ttft(self) -> Histogram:
+        if self._ttft is None:
+            self._ttft = self._metrics.ttft.labels(*self._key)
+        return self._ttft
+
+    def prompt(self) -> Counter:
+        if self._prompt is None:
+            self._prompt = self._metrics.prompt_tokens.labels(*self._key)
+        return self._prompt
+
+    def completion(self) -> Counter:
+        if self._completion is None:
+            self._completion = self._metrics.completion_tokens.labels(*self._key)
+        return self._completion
+
+    def decode(self) -> Histogram:
+        if self._decode is None:
+            self._decode = self._metrics.decode.labels(self._key[0], self._key[1])
+        return self._decode
+
+
 class CortexMetrics:
     """The engine's registry, its metrics, the console's windows and the recent-request ring."""
 
@@ -199,7 +293,7 @@ class CortexMetrics:
         self.clock = clock
         self.window_s = window_s
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        r = None  # registered below, through _WithoutCreated
         self.requests = Counter(
             "cortex_requests_total", "Client requests by outcome", ["model", "node", "api", "status"], registry=r
         )
@@ -265,8 +359,24 @@ class CortexMetrics:
             "cortex_node_restarts_total", "Node server restarts through the agent", ["node"], registry=r
         )
         self._fleet_source: Callable[[], FleetSnapshot | None] = lambda: None
-        r.register(_FleetCollector(lambda: self._fleet_source()))
-        self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
+        for metric in (
+            self.requests,
+            self.duration,
+            self.ttft,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.decode,
+            self.queue_wait,
+            self.overhead,
+            self.loads,
+            self.load_duration,
+            self.unloads,
+            self.cycles,
+            self.restarts,
+        ):
+            self.registry.register(_WithoutCreated(metric))
+        self.registry.register(_FleetCollector(lambda: self._fleet_source()))
+        self._children: dict[tuple[str, str, str, int], _Children] = {}
         self._windows: dict[tuple[str, str], SlidingWindow] = {}
         self._total = SlidingWindow(window_s)
         self._ring: deque[RequestRecord] = deque(maxlen=ring)
@@ -278,20 +388,11 @@ class CortexMetrics:
         """Where the fleet gauges read the snapshot from."""
         self._fleet_source = source
 
-    def _labelled(self, model: str, node: str, api: str, status: int) -> tuple[Any, ...]:
+    def _labelled(self, model: str, node: str, api: str, status: int) -> _Children:
         key = (model, node, api, status)
         children = self._children.get(key)
         if children is None:
-            children = (
-                self.requests.labels(model, node, api, str(status)),
-                self.duration.labels(model, node, api),
-                self.ttft.labels(model, node, api),
-                self.prompt_tokens.labels(model, node, api),
-                self.completion_tokens.labels(model, node, api),
-                self.decode.labels(model, node),
-                self.overhead.labels(api),
-            )
-            self._children[key] = children
+            children = self._children[key] = _Children(self, model, node, api, status)
         return children
 
     def _window(self, kind: str, name: str) -> SlidingWindow:
@@ -303,27 +404,29 @@ class CortexMetrics:
 
     def request_done(self, o: RequestOutcome) -> RequestRecord:
         """Record one finished request everywhere it counts; returns its log record."""
-        req, dur, ttft_h, ptok, ctok, dec, ovh = self._labelled(o.model, o.node, o.api, o.status)
+        children = self._labelled(o.model, o.node, o.api, o.status)
         latency = o.ended - o.started
         ttft = None if o.first_byte is None else o.first_byte - o.started
         prompt, completion, decode = usage_figures(o)
-        req.inc()
-        dur.observe(latency)
+        children.requests.inc()
+        children.duration.observe(latency)
+        children.overhead.observe(max(0.0, latency - o.queue_s - o.upstream_s))
         if ttft is not None:
-            ttft_h.observe(ttft)
+            children.ttft().observe(ttft)
         if prompt:
-            ptok.inc(prompt)
+            children.prompt().inc(prompt)
         if completion:
-            ctok.inc(completion)
+            children.completion().inc(completion)
         if decode is not None:
-            dec.observe(decode)
-        ovh.observe(max(0.0, latency - o.queue_s - o.upstream_s))
+            children.decode().observe(decode)
         now = self.clock()
         error = o.status >= 400
         self.requests_total += 1
         self.errors_total += error
-        for window in (self._total, self._window("model", o.model), self._window("node", o.node)):
-            window.add(now, error=error, tokens=completion, ttft=ttft, decode=decode)
+        self._total.add(now, error=error, tokens=completion, ttft=ttft, decode=decode)
+        self._window("model", o.model).add(now, error=error, tokens=completion, ttft=ttft, decode=decode)
+        if o.node:
+            self._window("node", o.node).add(now, error=error, tokens=completion, ttft=ttft, decode=decode)
         record = RequestRecord(
             ts=now,
             api=o.api,
@@ -347,14 +450,16 @@ class CortexMetrics:
         self.queue_wait.labels(model).observe(seconds)
 
     def load_done(self, model: str, node: str, result: str, seconds: float | None) -> None:
-        """A load cortex asked for ended (`ok`, `failed`, `timeout`)."""
+        """A load cortex asked for ended (`ok`, `failed`, `timeout`; anything else counts as `failed`)."""
+        if result not in LOAD_RESULTS:
+            result = "failed"
         self.loads.labels(model, node, result).inc()
         if seconds is not None and result == "ok":
             self.load_duration.labels(model, node).observe(seconds)
 
     def unloaded(self, model: str, node: str, reason: str) -> None:
-        """Cortex unloaded a model (`evict`, `ttl`, `manual`, `defrag`, `reconcile`)."""
-        self.unloads.labels(model, node, reason).inc()
+        """Cortex unloaded a model (`evict`, `ttl`, `manual`, `defrag`; `reconcile` and others count as `evict`)."""
+        self.unloads.labels(model, node, reason if reason in UNLOAD_REASONS else "evict").inc()
 
     def cycle(self, node: str) -> None:
         """One eviction round on a node."""

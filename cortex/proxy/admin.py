@@ -60,6 +60,13 @@ def check_admin(request: web.Request, token: str) -> web.Response | None:
 def add_admin_routes(app: web.Application, engine: Engine) -> None:
     """Register ``/admin/...`` on the gateway app."""
     token = engine.settings.gateway.admin_token.get_secret_value()
+    closing = asyncio.Event()
+    """Set when the gateway shuts down: event feeds end then instead of holding the drain for drain_s."""
+
+    async def _on_shutdown(_app: web.Application) -> None:
+        closing.set()
+
+    app.on_shutdown.append(_on_shutdown)
 
     async def fleet(request: web.Request) -> web.StreamResponse:
         if (denied := check_admin(request, token)) is not None:
@@ -110,7 +117,7 @@ def add_admin_routes(app: web.Application, engine: Engine) -> None:
         await response.write(b": cortex events\n\n")
         stream = engine.subscribe()
         try:
-            async for event in _with_keepalive(stream):
+            async for event in _with_keepalive(stream, closing):
                 if event is None:
                     await response.write(b":\n\n")
                     continue
@@ -123,10 +130,12 @@ def add_admin_routes(app: web.Application, engine: Engine) -> None:
         return response
 
     async def agent_report(request: web.Request) -> web.StreamResponse:
+        # A body that is not JSON goes to the hub as None: the token is checked first (401 for a wrong one,
+        # whatever the body), and a right token with a bad body gets the hub's 400 in the usual error shape.
         try:
             body: object = await request.json()
         except ValueError:
-            return _json(400, {"error": "body must be JSON"})
+            body = None
         status, reply = engine.agents.handle_report(
             request.match_info["node"], request.headers.get("Authorization"), body
         )
@@ -139,22 +148,27 @@ def add_admin_routes(app: web.Application, engine: Engine) -> None:
     app.router.add_post("/admin/agents/{node}/report", agent_report)
 
 
-async def _with_keepalive(stream: AsyncIterator[Event]) -> AsyncIterator[Event | None]:
-    """Events from ``stream``, with None every :data:`EVENTS_KEEPALIVE_S` seconds of silence."""
+async def _with_keepalive(stream: AsyncIterator[Event], closing: asyncio.Event) -> AsyncIterator[Event | None]:
+    """Events from ``stream``, with None every :data:`EVENTS_KEEPALIVE_S` seconds of silence; ends on ``closing``."""
     pending: asyncio.Task[Event] | None = None
+    stop = asyncio.ensure_future(closing.wait())
     try:
-        while True:
+        while not closing.is_set():
             if pending is None:
                 pending = asyncio.ensure_future(anext(stream))
-            done, _ = await asyncio.wait({pending}, timeout=EVENTS_KEEPALIVE_S)
-            if not done:
-                yield None
+            done, _ = await asyncio.wait(
+                {pending, stop}, timeout=EVENTS_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            if pending not in done:
+                if not closing.is_set():
+                    yield None
                 continue
             event = pending.result()
             pending = None
             yield event
     finally:
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
+        for task in (pending, stop):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task

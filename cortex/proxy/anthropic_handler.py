@@ -38,7 +38,16 @@ from cortex.proxy.anthropic import (
     to_openai,
     upstream_chunk_error,
 )
-from cortex.proxy.common import SSE_HEADERS, WaitFailed, acquire_streaming, check_api_key, cortex_headers, read_json
+from cortex.proxy.anthropic.errors import error_from_type
+from cortex.proxy.common import (
+    SSE_HEADERS,
+    ClientGone,
+    WaitFailed,
+    acquire_streaming,
+    check_api_key,
+    cortex_headers,
+    read_json,
+)
 from cortex.proxy.forward import Call, NodeReplyError, send, upstream_headers
 
 if TYPE_CHECKING:
@@ -154,6 +163,9 @@ async def handle_messages(request: web.Request, engine: Engine, keys: list[bytes
         mapped = _from_node(exc, estimate)
         call.status = mapped.status
         return _respond(mapped, cortex_headers(call))
+    except ClientGone as gone:
+        call.status = 499
+        return gone.response
     finally:
         engine.record(call.outcome())
 
@@ -235,8 +247,37 @@ async def _stream(
         await exc.response.write(_error_event(err))
         return exc.response
     call.queue_s = lease.queue_s
+
+    async def send_with_pings() -> tuple[Lease, aiohttp.ClientResponse]:
+        """:func:`send`, with pings while the node has not answered yet.
+
+        A node that takes longer than :data:`PING_S` to send its headers (a long prefill) does not leave
+        the client in silence: the stream opens (``message_start``) and hears a ``ping`` every
+        :data:`PING_S` until the node's headers arrive.
+        """
+        nonlocal response
+        task = asyncio.ensure_future(send(engine, call, "/v1/chat/completions", body, headers, lease))
+        try:
+            while not (await asyncio.wait({task}, timeout=PING_S))[0]:
+                if response is None:
+                    response = await _open(request, call, None)
+                await response.write(b"".join(encode_event(e) for e in tr.start()) + _PING)
+        except BaseException as exc:
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                got_lease, got_resp = await task
+                got_resp.close()
+                got_lease.release()
+            lease.release()  # idempotent; send() does not release its lease when cancelled
+            if isinstance(exc, ConnectionResetError) and response is not None:
+                call.status = 499
+                raise ClientGone(response) from None
+            raise
+        return task.result()
+
     try:
-        lease, resp = await send(engine, call, "/v1/chat/completions", body, headers, lease)
+        lease, resp = await send_with_pings()
     except (CortexError, NodeReplyError) as exc:
         if response is None:
             raise
@@ -307,7 +348,10 @@ async def _translate(
                 usage = chunk.get("usage")
                 if isinstance(usage, dict):
                     call.usage = usage
-                out.extend(encode_event(e) for e in tr.feed(chunk))
+                events = tr.feed(chunk)
+                out.extend(encode_event(e) for e in events)
+                if events and events[-1]["type"] == "error":
+                    call.status = error_from_type(events[-1]["error"]["type"], "").status
                 if tr.done:
                     break
             if out:
@@ -316,6 +360,11 @@ async def _translate(
                 if call.first_byte is None:
                     call.first_byte = time.monotonic()
                 await response.write(b"".join(out))
+        if response is None and not tr.started and not saw_done:
+            # Nothing reached the client yet: a plain HTTP error (which the SDKs retry) beats a stream
+            # that is one lone ``error`` event without the ``message_start`` the grammar requires.
+            message = failed or f"{call.node} ended the stream before sending anything"
+            raise _EarlyError(AnthropicError(502, "api_error", message, should_retry=True))
         tail = tr.error(failed) if failed else tr.finish(saw_done=saw_done)
         if response is None:
             response = await _open(request, call, resp)
@@ -324,11 +373,17 @@ async def _translate(
         if failed or (tail and tail[-1].get("type") == "error"):
             call.status = 502
     except _EarlyError as early:
-        lease.release()
+        lease.release(failed=failed)
         lease = None  # type: ignore[assignment]
         call.status = early.error.status
         return _respond(early.error, cortex_headers(call))
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:
+        call.status = 499
+        resp.close()
+        if response is None:
+            raise
+        raise ClientGone(response) from None
+    except asyncio.CancelledError:
         call.status = 499
         resp.close()
         raise
@@ -346,9 +401,9 @@ class _EarlyError(Exception):
         self.error = error
 
 
-async def _open(request: web.Request, call: Call, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _open(request: web.Request, call: Call, resp: aiohttp.ClientResponse | None) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=SSE_HEADERS)
-    response.headers.update(cortex_headers(call, resp.headers.get("x-request-id")))
+    response.headers.update(cortex_headers(call, resp.headers.get("x-request-id") if resp is not None else None))
     await response.prepare(request)
     return response
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SSE_HEADERS",
+    "ClientGone",
     "WaitFailed",
     "acquire_streaming",
     "check_api_key",
@@ -151,7 +152,10 @@ async def acquire_streaming(
                 await response.prepare(request)
             loading = engine.fleet.loading.get(call.model)
             where = loading[0] if loading else "a node"
-            await response.write(notice(call.model, where, time.monotonic() - started))
+            try:
+                await response.write(notice(call.model, where, time.monotonic() - started))
+            except ConnectionResetError:
+                raise ClientGone(response) from None
             done, _ = await asyncio.wait({task}, timeout=LOAD_NOTICE_S - 0.5)
     except BaseException:
         if not task.done():
@@ -167,6 +171,14 @@ async def acquire_streaming(
         if response is not None:
             raise WaitFailed(exc, response) from None
         raise
+
+
+class ClientGone(Exception):
+    """The client hung up mid-response; the handler returns ``response`` (already prepared) and moves on."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("client disconnected")
+        self.response = response
 
 
 class WaitFailed(Exception):

@@ -31,10 +31,12 @@ __all__ = ["Call", "NodeReplyError", "UsageTail", "send", "upstream_headers"]
 class NodeReplyError(Exception):
     """The node answered with an error status (already classified)."""
 
-    def __init__(self, info: NodeErrorInfo, node: str) -> None:
+    def __init__(self, info: NodeErrorInfo, node: str, request_id: str | None = None) -> None:
         super().__init__(info.message)
         self.info = info
         self.node = node
+        self.request_id = request_id
+        """The node's ``x-request-id`` (passed back to the client with the error)."""
 
 
 @dataclass(slots=True)
@@ -70,8 +72,13 @@ class Call:
 
 
 def upstream_headers(request_id: str | None) -> dict[str, str]:
-    """The only headers a node receives."""
-    headers = {"Content-Type": "application/json"}
+    """The only headers a node receives.
+
+    ``Accept-Encoding: identity`` replaces aiohttp's default ``gzip, deflate``: the session does not
+    decompress (bytes pass through untouched) and the node's ``Content-Encoding`` is not passed on, so a
+    compressed answer would reach the client as unreadable bytes.
+    """
+    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
     if request_id:
         headers["x-request-id"] = request_id
     return headers
@@ -117,9 +124,10 @@ async def send(
             data = await resp.read()
             resp.release()
             info = read_node_error(resp.status, data)
+            request_id = resp.headers.get("x-request-id")
             if info.status < 500:
                 lease.release()
-                raise NodeReplyError(info, node.name)
+                raise NodeReplyError(info, node.name, request_id)
             failure = info.message
         call.upstream_s += time.monotonic() - t0 if info is None else 0.0
         lease.release(failed=failure)
@@ -127,21 +135,25 @@ async def send(
         other = engine.lifecycle.route(call.model, tuple(tried))
         if other is None:
             if info is not None:
-                raise NodeReplyError(info, node.name)
+                raise NodeReplyError(info, node.name, request_id)
             raise UpstreamError(failure)
         lease = Lease(engine.fleet, other, call.model, lease.queue_s)
 
 
 class UsageTail:
-    """The last few KiB of a stream, so the usage can be found once at the end instead of per chunk.
+    """The last bytes of a stream, so the usage can be found once at the end instead of per chunk.
 
-    mistral.rs puts the nine-field usage on the finish chunk, just before ``[DONE]``; scanning the tail
-    once costs one ``rfind`` and one JSON parse per request, where parsing every chunk would cost one per
-    token.
+    mistral.rs puts the nine-field usage on the finish chunk, just before ``[DONE]`` (OpenAI backends asked
+    for ``include_usage`` put it on a last ``choices: []`` chunk); it is the stream's last ``"usage"`` key.
+    :meth:`usage` finds that key with ``rfind`` and parses only the object after it, never the event
+    around it, so the cost does not grow with the stream or with a huge final tool-call chunk, and the
+    event's start need not be in the tail. At least :attr:`LIMIT` bytes are kept (a single larger chunk is
+    kept whole), so a usage object split over two reads is always complete in the tail.
     """
 
     __slots__ = ("_chunks", "_size")
     LIMIT = 65536
+    _WS = b" \t\r\n"
 
     def __init__(self) -> None:
         self._chunks: deque[bytes] = deque()
@@ -150,25 +162,37 @@ class UsageTail:
     def add(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
         self._size += len(chunk)
-        while self._size > self.LIMIT and len(self._chunks) > 1:
+        while len(self._chunks) > 1 and self._size - len(self._chunks[0]) >= self.LIMIT:
             self._size -= len(self._chunks.popleft())
 
     def usage(self) -> dict[str, Any] | None:
-        """The usage object of the last event that has one, or None."""
-        blob = b"".join(self._chunks)
-        idx = blob.rfind(b'"usage":{')
+        """The object of the stream's last ``"usage"`` key, or None (absent, ``null`` or unreadable)."""
+        blob = self._chunks[-1] if len(self._chunks) == 1 else b"".join(self._chunks)
+        idx = blob.rfind(b'"usage"')
         if idx < 0:
             return None
-        start = blob.rfind(b"data:", 0, idx)
-        end = blob.find(b"\n", idx)
-        if start < 0:
+        n = len(blob)
+        i = idx + 7
+        while i < n and blob[i] in self._WS:
+            i += 1
+        if i >= n or blob[i] != 0x3A:  # ':'
             return None
-        try:
-            event = orjson.loads(blob[start + 5 : end if end >= 0 else None])
-        except orjson.JSONDecodeError:
+        i += 1
+        while i < n and blob[i] in self._WS:
+            i += 1
+        if i >= n or blob[i] != 0x7B:  # '{'
             return None
-        usage = event.get("usage") if isinstance(event, dict) else None
-        return usage if isinstance(usage, dict) else None
+        close = blob.find(b"}", i)
+        for _ in range(16):  # the usage is flat, or nests an object or two (OpenAI's *_tokens_details)
+            if close < 0:
+                return None
+            try:
+                usage = orjson.loads(blob[i : close + 1])
+            except orjson.JSONDecodeError:
+                close = blob.find(b"}", close + 1)
+                continue
+            return usage if isinstance(usage, dict) else None
+        return None
 
 
 def error_message(exc: CortexError | NodeReplyError) -> str:

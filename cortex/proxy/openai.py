@@ -20,6 +20,7 @@ from aiohttp import web
 from cortex.errors import BadRequest, CortexError
 from cortex.proxy.common import (
     SSE_HEADERS,
+    ClientGone,
     WaitFailed,
     acquire_streaming,
     check_api_key,
@@ -90,12 +91,21 @@ def validate_openai(path: str, data: dict[str, Any]) -> None:
         _check_type(data, "input", (str, list), "a string or an array")
 
 
-def _rewrite(data: dict[str, Any], name: str, model: str) -> bool:
-    """Adjust the body for the node in place; True when it changed."""
+def _rewrite(data: dict[str, Any], name: str, model: str, max_output_tokens: int | None = None) -> bool:
+    """Adjust the body for the node in place; True when it changed.
+
+    An ask for more output tokens than the model's ``[[models]].max_output_tokens`` is clamped to it.
+    """
     changed = False
     if data.get("model") != model:
         data["model"] = model
         changed = True
+    if max_output_tokens is not None:
+        for key in ("max_tokens", "max_completion_tokens"):
+            value = data.get(key)
+            if isinstance(value, int) and value > max_output_tokens:
+                data[key] = max_output_tokens
+                changed = True
     messages = data.get("messages")
     if isinstance(messages, list):
         for msg in messages:
@@ -141,7 +151,8 @@ async def handle_openai(request: web.Request, engine: Engine, path: str, keys: l
         raw, data = await read_json(request, engine.settings.gateway.max_body_mb)
         validate_openai(path, data)
         name, call.model = resolve_model(engine, data)
-        if _rewrite(data, name, call.model):
+        facts = engine.settings.model_facts(call.model)
+        if _rewrite(data, name, call.model, facts.max_output_tokens if facts else None):
             raw = orjson.dumps(data)
         call.stream = data.get("stream") is True and path != "/v1/embeddings"
         headers = upstream_headers(request.headers.get("x-request-id"))
@@ -153,7 +164,11 @@ async def handle_openai(request: web.Request, engine: Engine, path: str, keys: l
         return openai_error_for(exc, cortex_headers(call) if call.node else None)
     except NodeReplyError as exc:
         call.status = exc.info.status
-        return openai_error(exc.info.status, exc.info.message, exc.info.kind, headers=cortex_headers(call))
+        headers = cortex_headers(call, exc.request_id)
+        return openai_error(exc.info.status, exc.info.message, exc.info.kind, headers=headers)
+    except ClientGone as gone:
+        call.status = 499
+        return gone.response
     finally:
         engine.record(call.outcome())
 
@@ -273,7 +288,11 @@ async def _pipe(
                 await _write_with_usage(response, chunk, tail)
             else:
                 await response.write(chunk)
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:
+        call.status = 499
+        resp.close()
+        raise ClientGone(response) from None
+    except asyncio.CancelledError:
         call.status = 499
         resp.close()
         raise

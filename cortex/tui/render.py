@@ -10,6 +10,7 @@ to a component class styled with theme variables in ``cortex.tcss``.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -275,8 +276,9 @@ def _status_tone(status: int) -> str:
     return "success" if status < 400 else "warning" if status < 500 else "error"
 
 
+@functools.lru_cache(maxsize=4 * REQUEST_LOG_LIMIT)
 def request_cells(rec: RequestRecord, tz: dt.tzinfo | None) -> tuple[Cell, ...]:
-    """The cells of one request-log line."""
+    """The cells of one request-log line (records are immutable, so each is formatted once)."""
     return (
         cell(fmt.clock_time(rec.ts, tz), "muted"),
         cell(rec.api),
@@ -294,9 +296,12 @@ def request_rows(requests: Sequence[RequestRecord], tz: dt.tzinfo | None, *, nee
     """The request log, newest first, bounded, filtered by model or node like the tables."""
     needle = needle.lower()
     rows: list[Row] = []
+    seen: dict[str, int] = {}
     for rec in requests:
         if _matches(needle, (rec.model, rec.node)):
-            rows.append((f"{rec.ts}:{len(rows)}", request_cells(rec, tz)))
+            key = f"{rec.ts!r}|{rec.api}|{rec.model}|{rec.node}|{rec.status}|{rec.latency_s!r}"
+            seen[key] = repeat = seen.get(key, 0) + 1
+            rows.append((key if repeat == 1 else f"{key}#{repeat}", request_cells(rec, tz)))
             if len(rows) >= REQUEST_LOG_LIMIT:
                 break
     return rows

@@ -38,7 +38,7 @@ def run_cortex(tmp_path: Path, *args: str, timeout: float = 30, **env: str) -> s
     )
 
 
-async def run_cortex_async(tmp_path: Path, *args: str, timeout: float = 30) -> tuple[int, str, str]:
+async def run_cortex_async(tmp_path: Path, *args: str, limit_s: float = 30) -> tuple[int, str, str]:
     """Like :func:`run_cortex`, without blocking the event loop (for use beside in-process servers)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -51,7 +51,7 @@ async def run_cortex_async(tmp_path: Path, *args: str, timeout: float = 30) -> t
         env=cortex_env(tmp_path),
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await asyncio.wait_for(proc.communicate(), limit_s)
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -115,11 +115,11 @@ class Gateway:
         while raw := await self.proc.stderr.readline():
             self.log_lines.append(raw.decode().rstrip("\n"))
 
-    async def terminate(self, timeout: float) -> int:
-        """SIGTERM, then the exit code (killed and failed if it takes longer than ``timeout``)."""
+    async def terminate(self, limit_s: float) -> int:
+        """SIGTERM, then the exit code (killed and failed if it takes longer than ``limit_s``)."""
         self.proc.terminate()
         try:
-            code = await asyncio.wait_for(self.proc.wait(), timeout)
+            code = await asyncio.wait_for(self.proc.wait(), limit_s)
         finally:
             await self.kill()
         return code

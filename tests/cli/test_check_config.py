@@ -141,21 +141,20 @@ def test_good_config_prints_resolved_settings_without_secrets(tmp_path: Path, cl
 
 def test_env_override_of_listen_and_cortex_config(tmp_path: Path, cli: CliRunner) -> None:
     (tmp_path / "elsewhere.toml").write_text(GOOD)
-    proc = run_cortex(
-        tmp_path,
+    proc = cli(
         "check-config",
         CORTEX_CONFIG=str(tmp_path / "elsewhere.toml"),
         CORTEX_GATEWAY__LISTEN="127.0.0.1:9001",
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["gateway"]["listen"] == "127.0.0.1:9001"
-    proc = cli("check-config", CORTEX_GATEWAY__LISTEN="nowhere")
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[0].startswith("gateway.listen: ")
+    bad = cli("check-config", CORTEX_GATEWAY__LISTEN="nowhere")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[0].startswith("gateway.listen: ")
 
 
-def test_repository_example_passes_check_config(tmp_path: Path) -> None:
-    proc = run_cortex(tmp_path, "check-config", "--config", str(ROOT / "cortex.toml"))
+def test_repository_example_passes_check_config(cli: CliRunner) -> None:
+    proc = cli("check-config", "--config", str(ROOT / "cortex.toml"))
     assert proc.returncode == 0, proc.stderr
     assert [n["name"] for n in json.loads(proc.stdout)["nodes"]] == ["gpu-large", "gpu-medium", "gpu-small"]
 

@@ -32,7 +32,7 @@ def ui():
 for name in sys.argv[1:]:
     importlib.import_module(name)
 print(json.dumps(ui()))
-importlib.import_module("cortex.tui.app")  # proves the probe can see the UI when it is there
+importlib.import_module("rich.text")  # proves the probe sees a UI library when one is there
 print(json.dumps(ui()))
 """
 
@@ -51,7 +51,7 @@ def test_headless_modules_import_without_textual_or_rich() -> None:
     assert proc.returncode == 0, proc.stderr
     headless, with_tui = (json.loads(line) for line in proc.stdout.splitlines())
     assert headless == [], f"the headless modules pull in the UI: {headless}"
-    assert "textual" in with_tui and "cortex.tui.app" in with_tui
+    assert "rich" in with_tui
 
 
 def test_import_linter_contracts_are_kept() -> None:
@@ -60,4 +60,5 @@ def test_import_linter_contracts_are_kept() -> None:
         [exe, "--no-cache", "--no-logo"], capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "broken" in proc.stdout and "0 broken" in proc.stdout
+    assert "broken" in proc.stdout
+    assert "0 broken" in proc.stdout

@@ -7,8 +7,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
-import pytest
-
 from cortex.config import GatewaySettings, ModelSettings, NodeSettings, PollSettings, Settings
 from cortex.engine.engine import Engine
 from cortex.engine.events import Event, ModelLoaded, ModelUnloaded, NodeWentDown, NodeWentUp
@@ -45,9 +43,9 @@ class Recorder:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
-    async def wait(self, kind: type[E], timeout: float = 5.0, **fields: object) -> E:
+    async def wait(self, kind: type[E], limit_s: float = 5.0, **fields: object) -> E:
         """The first recorded event of ``kind`` whose attributes match ``fields``."""
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = asyncio.get_running_loop().time() + limit_s
         while True:
             for event in self.events:
                 if isinstance(event, kind) and all(getattr(event, k) == v for k, v in fields.items()):
@@ -89,9 +87,12 @@ async def test_down_after_n_failed_polls_and_up_after_one_good_poll(fleet: Fleet
         try:
             await sim.stop()
             down = await rec.wait(NodeWentDown, node="a")
-            assert "a" in down.node and down.reason
+            assert "a" in down.node
+            assert down.reason
             node = f.engine.snapshot().node("a")
-            assert node is not None and node.status is NodeStatus.DOWN and node.failures >= 3
+            assert node is not None
+            assert node.status is NodeStatus.DOWN
+            assert node.failures >= 3
             assert node.last_error
             # Fewer than down_after failures never took the node out of routing.
             assert all(status is NodeStatus.UP for failures, status in seen if failures < 3), seen
@@ -103,7 +104,9 @@ async def test_down_after_n_failed_polls_and_up_after_one_good_poll(fleet: Fleet
             try:
                 await rec.wait(NodeWentUp, node="a")
                 node = f.engine.snapshot().node("a")
-                assert node is not None and node.status is NodeStatus.UP and node.failures == 0
+                assert node is not None
+                assert node.status is NodeStatus.UP
+                assert node.failures == 0
                 assert node.last_error == ""
                 kinds = [(type(e).__name__, getattr(e, "node", None)) for e in rec.events]
                 assert kinds.index(("NodeWentDown", "a")) < kinds.index(("NodeWentUp", "a"))
@@ -111,7 +114,8 @@ async def test_down_after_n_failed_polls_and_up_after_one_good_poll(fleet: Fleet
                     "/v1/chat/completions",
                     {"model": "m1", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
                 )
-                assert status == 200 and headers["x-cortex-node"] == "a"  # routable again, ties go to a
+                assert status == 200
+                assert headers["x-cortex-node"] == "a"
             finally:
                 await revived.stop()
         finally:
@@ -149,7 +153,8 @@ async def test_snapshot_vram_follows_system_info(fleet: FleetFactory) -> None:
         await rec.wait(ModelLoaded, node="a", model="m2")
         await f.wait_for(lambda: f.engine.snapshot().node("a").vram_used_mb == 3300, what="3300 MiB used")  # type: ignore[union-attr]
         slot = f.engine.snapshot().node("a").slot("m2")  # type: ignore[union-attr]
-        assert slot is not None and slot.state is SlotState.LOADED
+        assert slot is not None
+        assert slot.state is SlotState.LOADED
 
         async with f.http.post(sim.url + "/v1/models/unload", json={"model_id": "m1"}) as resp:
             assert (await resp.json())["status"] == "unloaded"
@@ -160,7 +165,9 @@ async def test_snapshot_vram_follows_system_info(fleet: FleetFactory) -> None:
         await f.wait_for(lambda: f.engine.snapshot().node("a").vram_total_mb == 16384, what="total 16384")  # type: ignore[union-attr]
     snap = f.engine.snapshot()
     model = snap.model("m2")
-    assert model is not None and model.state == "loaded" and model.nodes == ("a",)
+    assert model is not None
+    assert model.state == "loaded"
+    assert model.nodes == ("a",)
     assert snap.model("m1").state == "unloaded"  # type: ignore[union-attr]
     assert snap.to_json()["nodes"][0]["vram_free_mb"] == 16384 - 512 - 2300
 

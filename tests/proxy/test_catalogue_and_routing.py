@@ -70,7 +70,8 @@ async def test_request_goes_to_a_node_holding_the_model_with_cortex_headers(flee
     assert headers["x-cortex-queue-ms"] == "0"
     assert body["model"] == "m3"
     assert len(f.inference_requests("c")) == 1
-    assert f.inference_requests("a") == [] and f.inference_requests("b") == []
+    assert f.inference_requests("a") == []
+    assert f.inference_requests("b") == []
     assert f.inference_requests("c")[0].json["model"] == "m3"
 
 
@@ -166,7 +167,9 @@ async def test_credentials_and_hop_by_hop_headers_never_reach_the_node(fleet: Fl
         assert not leaked, leaked
         assert "x-hop-secret" not in req.headers.get("Connection", "")
         for value in req.headers.values():
-            assert "secret" not in value and "client-key" not in value and "session=" not in value
+            assert "secret" not in value
+            assert "client-key" not in value
+            assert "session=" not in value
 
 
 async def test_health_and_ready(fleet: FleetFactory) -> None:
@@ -198,3 +201,21 @@ async def test_api_keys(fleet: FleetFactory) -> None:
     async with f.http.get(f.url + "/v1/models", headers={"x-api-key": "k-one"}) as resp:
         assert resp.status == 200
     assert len(f.inference_requests("a")) == 3  # refused requests never reached the node
+
+
+async def test_max_output_tokens_clamps_what_the_node_is_asked_for(fleet: FleetFactory) -> None:
+    f = await fleet(
+        NodeSpec("a", [SimModel("m1", 1000)]),
+        models=[ModelSettings(id="m1", max_output_tokens=5)],
+    )
+    for key in ("max_tokens", "max_completion_tokens"):
+        status, body, _ = await f.post("/v1/chat/completions", {"model": "m1", "messages": HI, key: 50})
+        assert status == 200, body
+        assert body["usage"]["completion_tokens"] == 5
+    status, body, _ = await f.post("/v1/completions", {"model": "m1", "prompt": "x", "max_tokens": 50})
+    assert status == 200, body
+    assert body["usage"]["completion_tokens"] == 5
+    status, body, _ = await f.post("/v1/chat/completions", {"model": "m1", "messages": HI, "max_tokens": 3})
+    assert body["usage"]["completion_tokens"] == 3  # smaller asks are left alone
+    sent = [r.json for r in f.sim("a").requests if r.path in ("/v1/chat/completions", "/v1/completions")]
+    assert [r.get("max_tokens", r.get("max_completion_tokens")) for r in sent] == [5, 5, 5, 3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -17,10 +18,12 @@ ENVELOPE = {"message", "type", "param", "code"}
 
 
 def assert_envelope(body: Any) -> dict[str, Any]:
-    assert isinstance(body, dict) and set(body) == {"error"}, body
+    assert isinstance(body, dict), body
+    assert set(body) == {"error"}, body
     error: dict[str, Any] = body["error"]
     assert set(error) == ENVELOPE, error
-    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["message"], str)
+    assert error["message"]
     assert isinstance(error["type"], str)
     return error
 
@@ -43,7 +46,8 @@ async def test_unknown_model_is_404_listing_the_served_models(fleet: FleetFactor
         assert status == 404, (path, reply)
         error = assert_envelope(reply)
         assert "ghost" in error["message"]
-        assert "m1" in error["message"] and "m2" in error["message"]
+        assert "m1" in error["message"]
+        assert "m2" in error["message"]
         assert error["param"] == "model"
         assert error["type"] == "invalid_request_error"
     assert f.inference_requests("a") == []
@@ -107,8 +111,9 @@ async def test_wrong_field_types_are_400(fleet: FleetFactory, path: str, body: d
     assert f.inference_requests("a", path) == []  # rejected before any node saw it
 
 
-async def test_body_over_max_body_mb_is_413(fleet: FleetFactory) -> None:
+async def test_body_over_max_body_mb_is_413(fleet: FleetFactory, caplog: pytest.LogCaptureFixture) -> None:
     f = await one_node(fleet, max_body_mb=0.001)
+    caplog.set_level(logging.DEBUG)
     big = {"model": "m1", "messages": [{"role": "user", "content": "x" * 5000}]}
     status, reply, _ = await f.post("/v1/chat/completions", big)
     assert status == 413, reply
@@ -116,10 +121,12 @@ async def test_body_over_max_body_mb_is_413(fleet: FleetFactory) -> None:
     status, reply, _ = await f.post("/v1/chat/completions", {"model": "m1", "messages": HI, "max_tokens": 1})
     assert status == 200, reply  # a small body still passes
     assert len(f.inference_requests("a")) == 1
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
 
 
-async def test_node_unreachable_is_502_then_503(fleet: FleetFactory) -> None:
+async def test_node_unreachable_is_502_then_503(fleet: FleetFactory, caplog: pytest.LogCaptureFixture) -> None:
     f = await fleet(NodeSpec("a", [SimModel("m1", 1000)]), poll={"interval_s": 0.1, "down_after": 2})
+    caplog.set_level(logging.DEBUG)
     await f.sim("a").stop()
     status, reply, _ = await f.post("/v1/chat/completions", {"model": "m1", "messages": HI})
     assert status in (502, 503), reply
@@ -129,6 +136,7 @@ async def test_node_unreachable_is_502_then_503(fleet: FleetFactory) -> None:
     assert status == 503, reply
     assert "down" in assert_envelope(reply)["message"]
     assert int(headers["Retry-After"]) > 0
+    assert not [r for r in caplog.records if r.exc_info], caplog.text  # a down node is a warning, not a crash
 
 
 async def test_node_message_error_is_rewrapped(fleet: FleetFactory) -> None:
@@ -175,7 +183,9 @@ async def test_model_no_node_can_load_is_503_with_retry_after(fleet: FleetFactor
     )
     for stream in (False, True):
         started = time.monotonic()
-        status, reply, headers = await f.post("/v1/chat/completions", {"model": "huge", "messages": HI, "stream": stream})
+        status, reply, headers = await f.post(
+            "/v1/chat/completions", {"model": "huge", "messages": HI, "stream": stream}
+        )
         assert status == 503, reply
         assert_envelope(reply)
         assert int(headers["Retry-After"]) > 0
@@ -218,3 +228,36 @@ async def test_bad_requests_log_no_traceback(fleet: FleetFactory, caplog: pytest
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
     assert "Traceback" not in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_queue_full_is_503_with_retry_after(fleet: FleetFactory) -> None:
+    f = await fleet(
+        NodeSpec("a", [SimModel("m1", 1000), SimModel("cold", 1000, loaded=False)], load_s=0.6),
+        gateway={"max_queue": 1},
+    )
+    first = asyncio.ensure_future(f.post("/v1/chat/completions", {"model": "cold", "messages": HI, "max_tokens": 1}))
+    await f.wait_for(lambda: f.engine.snapshot().model("cold").queued == 1, what="one request queued")  # type: ignore[union-attr]
+    status, reply, headers = await f.post("/v1/chat/completions", {"model": "cold", "messages": HI})
+    assert status == 503, reply
+    assert "wait" in assert_envelope(reply)["message"]
+    assert int(headers["Retry-After"]) > 0
+    status, reply, _ = await asyncio.wait_for(first, 5)
+    assert status == 200, reply
+
+
+async def test_no_model_and_nothing_pinned_is_400(fleet: FleetFactory) -> None:
+    f = await one_node(fleet)
+    status, reply, _ = await f.post("/v1/chat/completions", {"messages": HI})
+    assert status == 400, reply
+    assert assert_envelope(reply)["param"] == "model"
+
+
+async def test_node_error_passes_back_the_request_id(fleet: FleetFactory) -> None:
+    f = await one_node(fleet)
+    long_prompt = [{"role": "user", "content": " ".join(["word"] * 200)}]
+    status, _, headers = await f.post(
+        "/v1/chat/completions", {"model": "m1", "messages": long_prompt}, headers={"x-request-id": "trace-err"}
+    )
+    assert status == 400
+    assert headers.get("x-request-id") == "trace-err"
+    assert headers["x-cortex-node"] == "a"

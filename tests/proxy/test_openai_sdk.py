@@ -33,7 +33,8 @@ async def test_non_streaming_chat(fleet: FleetFactory) -> None:
     assert completion.choices[0].message.role == "assistant"
     assert completion.choices[0].message.content
     assert completion.choices[0].finish_reason == "length"
-    assert completion.usage is not None and completion.usage.completion_tokens == 5
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 5
 
 
 async def test_streaming_chat(fleet: FleetFactory) -> None:
@@ -56,12 +57,14 @@ async def test_streaming_chat(fleet: FleetFactory) -> None:
 async def test_stream_helper_and_final_completion(fleet: FleetFactory) -> None:
     f = await sdk_fleet(fleet, tok_s=200)
     f.sim("a").set_reply("cortex streams every token")
-    async with f.openai() as client:
-        async with client.chat.completions.stream(
+    async with (
+        f.openai() as client,
+        client.chat.completions.stream(
             model="chat-model", messages=[{"role": "user", "content": "hello"}], max_tokens=50
-        ) as stream:
-            deltas = [e.delta async for e in stream if e.type == "content.delta"]
-            final = await stream.get_final_completion()
+        ) as stream,
+    ):
+        deltas = [e.delta async for e in stream if e.type == "content.delta"]
+        final = await stream.get_final_completion()
     assert "".join(deltas) == "cortex streams every token"
     assert final.choices[0].message.content == "cortex streams every token"
     assert final.choices[0].finish_reason == "stop"
@@ -92,7 +95,8 @@ async def test_completions(fleet: FleetFactory) -> None:
     async with f.openai() as client:
         completion = await client.completions.create(model="chat-model", prompt="Once upon", max_tokens=3)
         assert completion.choices[0].text
-        assert completion.usage is not None and completion.usage.completion_tokens == 3
+        assert completion.usage is not None
+        assert completion.usage.completion_tokens == 3
         stream = await client.completions.create(model="chat-model", prompt="Once upon", max_tokens=3, stream=True)
         texts = [c.choices[0].text async for c in stream if c.choices]
     assert "".join(texts).strip()
@@ -116,7 +120,8 @@ async def test_embeddings(fleet: FleetFactory, encoding_format: str | None) -> N
         assert isinstance(result.data[0].embedding, str)
     else:
         vector = result.data[0].embedding
-        assert len(vector) >= 4 and all(isinstance(x, float) for x in vector)
+        assert len(vector) >= 4
+        assert all(isinstance(x, float) for x in vector)
     assert result.usage.prompt_tokens > 0
 
 
@@ -130,7 +135,7 @@ async def test_sdk_sees_typed_errors(fleet: FleetFactory) -> None:
             await client.chat.completions.create(
                 model="chat-model",
                 messages=[{"role": "user", "content": "x"}],
-                max_tokens="many",  # type: ignore[arg-type]
+                extra_body={"max_tokens": "many"},
             )
         assert bad.value.param == "max_tokens"
 
@@ -153,12 +158,12 @@ async def test_concurrent_streams_interleave(fleet: FleetFactory) -> None:
         async def one() -> float:
             started = time.monotonic()
             stream = await client.chat.completions.create(
-                model="chat-model", messages=[{"role": "user", "content": "x"}], max_tokens=10, stream=True
+                model="chat-model", messages=[{"role": "user", "content": "x"}], max_tokens=20, stream=True
             )
             async for _ in stream:
                 pass
             return time.monotonic() - started
 
         durations = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(4))), 10)
-    # Four 0.25 s streams at once: concurrent, not one after another.
-    assert max(durations) < 0.9, durations
+    # Four 0.5 s streams at once: concurrent (about 0.5 s), not one after another (2 s).
+    assert max(durations) < 1.5, durations

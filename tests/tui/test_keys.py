@@ -4,54 +4,54 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
-
 from cortex.engine import CommandResult, NodeStatus, commands, events
 from cortex.tui.messages import CommandFinished, CommandSubmitted, EngineEventReceived
 from cortex.tui.screens.confirm import ConfirmScreen
 from tests.tui.conftest import Messages, select, settle
 from tests.tui.fakes import GEMMA, LLAMA, PHI, FakeEngine, build_app, build_fleet
 
+DIRECT_KEYS: list[tuple[str, str, str, commands.Command]] = [
+    ("model", GEMMA, "p", commands.PinModel(GEMMA)),
+    ("model", LLAMA, "p", commands.UnpinModel(LLAMA)),
+    ("model", PHI, "r", commands.LoadModel(PHI)),
+    ("node", "gpu-large", "d", commands.DrainNode("gpu-large")),
+    ("node", "gpu-medium", "d", commands.UndrainNode("gpu-medium")),
+]
 
-@pytest.mark.parametrize(
-    ("kind", "key", "press", "expected"),
-    [
-        ("model", GEMMA, "p", commands.PinModel(GEMMA)),
-        ("model", LLAMA, "p", commands.UnpinModel(LLAMA)),
-        ("model", PHI, "r", commands.LoadModel(PHI)),
-        ("node", "gpu-large", "d", commands.DrainNode("gpu-large")),
-        ("node", "gpu-medium", "d", commands.UndrainNode("gpu-medium")),
-    ],
-    ids=["pin", "unpin", "load", "drain", "undrain"],
-)
-async def test_direct_keys_submit_their_command(
-    engine: FakeEngine, messages: Messages, kind: str, key: str, press: str, expected: commands.Command
-) -> None:
+
+async def test_direct_keys_submit_their_command(engine: FakeEngine, messages: Messages) -> None:
     app = build_app(engine)
     async with app.run_test(size=(120, 40), message_hook=messages.append) as pilot:
-        await select(pilot, kind, key)
-        await pilot.press(press)
-        await settle(pilot)
-        assert engine.submitted == [expected]
-        assert [m.command for m in messages.of(CommandSubmitted) if isinstance(m, CommandSubmitted)] == [expected]
-        finished = [m for m in messages.of(CommandFinished) if isinstance(m, CommandFinished)]
-        assert len(finished) == 1 and finished[0].result is not None and finished[0].result.ok
-        notes = messages.notifications()
-        assert [(n.severity, n.message) for n in notes] == [("information", f"{type(expected).__name__} accepted")]
+        for kind, key, press, expected in DIRECT_KEYS:
+            del messages[:]
+            await select(pilot, kind, key)
+            await pilot.press(press)
+            await settle(pilot)
+            assert engine.submitted[-1] == expected
+            submitted = [m.command for m in messages.of(CommandSubmitted) if isinstance(m, CommandSubmitted)]
+            assert submitted == [expected]
+            finished = [m for m in messages.of(CommandFinished) if isinstance(m, CommandFinished)]
+            assert len(finished) == 1
+            assert finished[0].result is not None
+            assert finished[0].result.ok
+            notes = [(n.severity, n.message) for n in messages.notifications()]
+            assert notes == [("information", f"{type(expected).__name__} accepted")]
+        assert len(engine.submitted) == len(DIRECT_KEYS)
 
 
-@pytest.mark.parametrize(("answer", "submitted"), [("y", True), ("n", False), ("escape", False)])
-async def test_unload_asks_first(engine: FakeEngine, answer: str, submitted: bool) -> None:
+async def test_unload_asks_first(engine: FakeEngine) -> None:
     app = build_app(engine)
     async with app.run_test(size=(120, 40)) as pilot:
         await select(pilot, "model", GEMMA)
-        await pilot.press("u")
-        assert isinstance(app.screen, ConfirmScreen)
-        assert "Unload google/gemma-2-9b-it from gpu-medium?" in app.screen.question
-        await pilot.press(answer)
-        await settle(pilot)
-        assert engine.submitted == ([commands.UnloadModel(GEMMA)] if submitted else [])
-        assert app.screen is app.dashboard
+        for answer in ("n", "escape", "y"):
+            await pilot.press("u")
+            dialog = app.screen
+            assert isinstance(dialog, ConfirmScreen)
+            assert "Unload google/gemma-2-9b-it from gpu-medium?" in dialog.question
+            await pilot.press(answer)
+            await settle(pilot)
+            assert app.screen is app.dashboard
+            assert engine.submitted == ([commands.UnloadModel(GEMMA)] if answer == "y" else [])
 
 
 async def test_unloading_a_pinned_model_asks_twice_and_forces(engine: FakeEngine) -> None:
@@ -61,8 +61,9 @@ async def test_unloading_a_pinned_model_asks_twice_and_forces(engine: FakeEngine
         await pilot.press("u")
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("y")
-        assert isinstance(app.screen, ConfirmScreen)
-        assert "PINNED" in app.screen.question
+        dialog = app.screen
+        assert isinstance(dialog, ConfirmScreen)
+        assert "PINNED" in dialog.question
         assert engine.submitted == []
         await pilot.press("y")
         await settle(pilot)
@@ -79,17 +80,18 @@ async def test_declining_the_second_question_unloads_nothing(engine: FakeEngine)
         assert app.screen is app.dashboard
 
 
-@pytest.mark.parametrize(("answer", "submitted"), [("y", True), ("n", False)])
-async def test_restart_asks_first(engine: FakeEngine, answer: str, submitted: bool) -> None:
+async def test_restart_asks_first(engine: FakeEngine) -> None:
     app = build_app(engine)
     async with app.run_test(size=(120, 40)) as pilot:
         await select(pilot, "node", "gpu-small")
-        await pilot.press("R")
-        assert isinstance(app.screen, ConfirmScreen)
-        assert "gpu-small" in app.screen.question
-        await pilot.press(answer)
-        await settle(pilot)
-        assert engine.submitted == ([commands.RestartNode("gpu-small")] if submitted else [])
+        for answer in ("n", "y"):
+            await pilot.press("R")
+            dialog = app.screen
+            assert isinstance(dialog, ConfirmScreen)
+            assert "gpu-small" in dialog.question
+            await pilot.press(answer)
+            await settle(pilot)
+        assert engine.submitted == [commands.RestartNode("gpu-small")]
 
 
 async def test_confirm_buttons_answer_too(engine: FakeEngine) -> None:
@@ -110,36 +112,32 @@ async def test_tab_moves_the_selection_between_nodes_and_models(engine: FakeEngi
     app = build_app(engine)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.pause()
-        assert app.dashboard.selection is not None and app.dashboard.selection.key == "gpu-large"
+        assert app.dashboard.selection is not None
+        assert app.dashboard.selection.key == "gpu-large"
         await pilot.press("d")
         await pilot.press("tab", "down")
-        assert app.dashboard.selection is not None and app.dashboard.selection.key == LLAMA
+        assert app.dashboard.selection is not None
+        assert app.dashboard.selection.key == LLAMA
         await pilot.press("p")
         await settle(pilot)
         assert engine.submitted == [commands.DrainNode("gpu-large"), commands.UnpinModel(LLAMA)]
 
 
-@pytest.mark.parametrize("key", ["p", "u", "r"])
-async def test_model_keys_need_a_model(engine: FakeEngine, messages: Messages, key: str) -> None:
+async def test_model_keys_need_a_model_and_node_keys_a_node(engine: FakeEngine, messages: Messages) -> None:
     app = build_app(engine)
     async with app.run_test(size=(120, 40), message_hook=messages.append) as pilot:
         await select(pilot, "node", "gpu-large")
-        await pilot.press(key)
+        await pilot.press("p", "u", "r")
+        await select(pilot, "model", GEMMA)
+        await pilot.press("d", "R")
         await settle(pilot)
         assert engine.submitted == []
         assert app.screen is app.dashboard
-        assert [n.severity for n in messages.notifications()] == ["warning"]
-
-
-@pytest.mark.parametrize("key", ["d", "R"])
-async def test_node_keys_need_a_node(engine: FakeEngine, messages: Messages, key: str) -> None:
-    app = build_app(engine)
-    async with app.run_test(size=(120, 40), message_hook=messages.append) as pilot:
-        await select(pilot, "model", GEMMA)
-        await pilot.press(key)
-        await settle(pilot)
-        assert engine.submitted == []
-        assert "select a node first" in messages.notifications()[0].message
+        notes = messages.notifications()
+        assert [n.severity for n in notes] == ["warning"] * 5
+        assert [n.message.split(":")[0] for n in notes] == ["pin", "unload", "load", "drain", "restart"]
+        assert "select a model first" in notes[0].message
+        assert "select a node first" in notes[3].message
 
 
 async def test_read_only_submits_nothing_and_says_why(engine: FakeEngine, messages: Messages) -> None:
@@ -176,9 +174,11 @@ async def test_a_raising_submit_is_an_error_notification(engine: FakeEngine, mes
         await pilot.press("r")
         await settle(pilot)
         [note] = messages.notifications()
-        assert note.severity == "error" and "engine stopped" in note.message
+        assert note.severity == "error"
+        assert "engine stopped" in note.message
         [finished] = [m for m in messages.of(CommandFinished) if isinstance(m, CommandFinished)]
-        assert finished.result is None and "engine stopped" in finished.error
+        assert finished.result is None
+        assert "engine stopped" in finished.error
 
 
 async def test_keys_do_nothing_behind_a_dialog(engine: FakeEngine) -> None:
@@ -188,7 +188,8 @@ async def test_keys_do_nothing_behind_a_dialog(engine: FakeEngine) -> None:
         await pilot.press("R")
         dialog = app.screen
         await pilot.press("d", "R", "p", "question_mark", "slash", "s", "q")
-        assert app.screen is dialog and len(app.screen_stack) == 2
+        assert app.screen is dialog
+        assert len(app.screen_stack) == 2
         await pilot.press("n")
         await settle(pilot)
         assert engine.submitted == []
@@ -221,10 +222,7 @@ async def test_lifecycle_events_redraw_at_once(engine: FakeEngine) -> None:
         down = replace(fleet.nodes[0], status=NodeStatus.DOWN)
         engine.fleet = replace(fleet, nodes=(down, *fleet.nodes[1:]))
         engine.events.put_nowait(events.NodeWentDown(node="gpu-large", reason="gone"))
-        table = app.dashboard.query_one("#nodes")
-        from cortex.tui.widgets.fleet_table import FleetTable
-
-        assert isinstance(table, FleetTable)
+        table = app.dashboard.tables["nodes"]
         while table.cell_text(0, "status") != "down":
             await pilot.pause()
 
@@ -241,10 +239,12 @@ async def test_quit_with_requests_in_flight_asks(engine: FakeEngine) -> None:
     app = build_app(engine)
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("q")
-        assert isinstance(app.screen, ConfirmScreen)
-        assert "3 request(s) in flight" in app.screen.question
+        dialog = app.screen
+        assert isinstance(dialog, ConfirmScreen)
+        assert "3 request(s) in flight" in dialog.question
         await pilot.press("n")
-        assert app.is_running and app.screen is app.dashboard
+        assert app.is_running
+        assert app.screen is app.dashboard
         await pilot.press("q", "y")
         await pilot.pause()
     assert app.return_value == 0

@@ -42,7 +42,7 @@ def test_duration(secs: float, expected: str) -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(None, "–"), (0.0, "–"), (3.4, "3.40"), (41.66, "41.7"), (812.4, "812")],
+    [(None, fmt.DASH), (0.0, fmt.DASH), (3.4, "3.40"), (41.66, "41.7"), (812.4, "812")],
     ids=["none", "zero", "small", "tens", "hundreds"],
 )
 def test_rate(value: float | None, expected: str) -> None:
@@ -83,8 +83,10 @@ def test_node_rows_show_status_vram_models_defrag_and_agent() -> None:
     ]  # fmt: skip
     assert tones(large[1]) == {"success"}
     assert (text(medium[1]), tones(medium[1])) == ("draining", {"warning"})
-    assert text(medium[3]) == "gemma-2-9b-it, phi-4" and "warning" in tones(medium[3])  # phi-4 is loading
-    assert text(medium[5]) == "3" and tones(medium[5]) == {"warning"}  # defrag is close
+    assert text(medium[3]) == "gemma-2-9b-it, phi-4"
+    assert "warning" in tones(medium[3])
+    assert text(medium[5]) == "3"
+    assert tones(medium[5]) == {"warning"}
     assert (text(small[1]), tones(small[1])) == ("down", {"error"})
     assert text(small[2]).endswith("~0.0/12.0G")  # an estimate
     assert (text(small[6]), tones(small[6])) == ("stale 1m", {"warning"})
@@ -95,7 +97,8 @@ def test_model_rows_show_state_pin_queue_and_figures() -> None:
     llama, phi, qwen7 = rows[LLAMA], rows[PHI], rows[QWEN7]
     assert [text(c) for c in llama] == [LLAMA, "gpu-large", "loaded", "●", "16.0G", "2", "0", "3s", "412", "210ms"]
     assert [text(c) for c in phi][:3] == [PHI, "gpu-medium", "loading 12s"]
-    assert text(phi[6]) == "1" and tones(phi[6]) == {"warning"}
+    assert text(phi[6]) == "1"
+    assert tones(phi[6]) == {"warning"}
     assert [text(c) for c in qwen7][2:4] == ["unloaded", ""]
     assert text(qwen7[7]) == "never"
 
@@ -113,7 +116,7 @@ def test_model_sorts(sort: str, first: str) -> None:
 def test_node_sorts() -> None:
     snap = build_fleet()
     assert [k for k, _ in node_rows(snap, NOW, sort="status")] == ["gpu-small", "gpu-medium", "gpu-large"]
-    assert [k for k, _ in node_rows(snap, NOW, sort="vram")][0] == "gpu-medium"
+    assert next(k for k, _ in node_rows(snap, NOW, sort="vram")) == "gpu-medium"
 
 
 def test_filter_matches_names_and_related_names_case_insensitively() -> None:
@@ -126,7 +129,7 @@ def test_filter_matches_names_and_related_names_case_insensitively() -> None:
 def test_request_log_is_newest_first_bounded_and_filterable() -> None:
     rows = request_rows(build_requests(), dt.UTC)
     assert [text(r[1][0]) for r in rows][:2] == ["23:59:59", "23:59:56"]
-    assert [text(c) for c in rows[2][1]][3:5] == ["–", "503"]
+    assert [text(c) for c in rows[2][1]][3:5] == [fmt.DASH, "503"]
     assert tones(rows[2][1][4]) == {"error"}
     assert len(request_rows(build_requests() * 40, dt.UTC)) == REQUEST_LOG_LIMIT
     assert len(request_rows(build_requests(), dt.UTC, needle="gemma")) == 1
@@ -135,9 +138,12 @@ def test_request_log_is_newest_first_bounded_and_filterable() -> None:
 def test_selection_stats_follow_the_selection() -> None:
     snap = build_fleet()
     node = selection_stats(snap, Selection("node", "gpu-large"))
-    assert node is not None and node[0] == "gpu-large" and len(node[1].tok_s_series) == 60
+    assert node is not None
+    assert node[0] == "gpu-large"
+    assert len(node[1].tok_s_series) == 60
     model = selection_stats(snap, Selection("model", LLAMA))
-    assert model is not None and model[0] == "Llama-3.1-8B-Instruct"
+    assert model is not None
+    assert model[0] == "Llama-3.1-8B-Instruct"
     assert selection_stats(snap, Selection("model", "gone")) is None
     assert selection_stats(snap, None) is None
 
@@ -153,7 +159,8 @@ def test_detail_lines_cover_agent_gpus_and_slots() -> None:
     model = snap.model(PHI)
     assert model is not None
     body = "\n".join(text(line) for line in model_lines(model, snap, NOW))
-    assert "on gpu-medium for 12s" in body and "gpu-medium" in body
+    assert "on gpu-medium for 12s" in body
+    assert "gpu-medium" in body
 
 
 @pytest.mark.parametrize(
@@ -171,7 +178,9 @@ def test_detail_lines_cover_agent_gpus_and_slots() -> None:
 )
 def test_event_notices(event: events.Event, severity: str, words: str) -> None:
     notice = event_notice(event)
-    assert notice is not None and notice.severity == severity and words in notice.message
+    assert notice is not None
+    assert notice.severity == severity
+    assert words in notice.message
 
 
 def test_quiet_events_make_no_notice() -> None:

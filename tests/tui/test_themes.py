@@ -56,7 +56,8 @@ async def test_bad_theme_file_gives_one_error_and_the_fallback(tmp_path: Path, m
         notes = messages.notifications()
         assert len(notes) == 1
         assert notes[0].severity == "error"
-        assert "cortex-dark.toml" in notes[0].message and "broken.toml" in notes[0].message
+        assert "cortex-dark.toml" in notes[0].message
+        assert "broken.toml" in notes[0].message
         assert app.theme == FALLBACK_THEME.name
         await pilot.press("t")
         assert app.theme == "cortex-light"

@@ -64,7 +64,8 @@ def test_empty_file_gives_the_documented_defaults(tmp_path: Path) -> None:
     assert s.eviction.defrag_after_cycles == 50
     assert (s.poll.interval_s, s.poll.timeout_s, s.poll.down_after) == (2.0, 2.0, 3)
     assert (s.tui.theme, s.tui.refresh_hz) == ("cortex-dark", 4)
-    assert s.nodes == [] and s.models == []
+    assert s.nodes == []
+    assert s.models == []
 
 
 def test_a_full_file_is_read(tmp_path: Path) -> None:
@@ -102,8 +103,11 @@ max_output_tokens = 1000
     assert s.nodes[0].agent_token.get_secret_value() == "agt-s3cret"
     assert s.pinned_models() == ["org/m"]
     facts = s.model_facts("org/m")
-    assert facts is not None and facts.aliases == ["gpt-*"] and facts.max_output_tokens == 1000
-    assert "s3cret" not in repr(s) and "s3cret" not in s.model_dump_json()
+    assert facts is not None
+    assert facts.aliases == ["gpt-*"]
+    assert facts.max_output_tokens == 1000
+    assert "s3cret" not in repr(s)
+    assert "s3cret" not in s.model_dump_json()
 
 
 BAD: list[tuple[str, str, str]] = [
@@ -121,7 +125,7 @@ BAD: list[tuple[str, str, str]] = [
     ("[gateway]\nmax_body_mb = 0", "gateway.max_body_mb", "greater than 0"),
     ("[gateway]\ndrain_s = -1", "gateway.drain_s", "greater than or equal to 0"),
     ('[gateway]\napi_keys = "one"', "gateway.api_keys", "list"),
-    ('[gateway]\nbogus = 1', "gateway.bogus", "unknown key"),
+    ("[gateway]\nbogus = 1", "gateway.bogus", "unknown key"),
     ('[eviction]\nstrategy = "fifo"', "eviction.strategy", "'lru' or 'priority'"),
     ("[eviction]\nidle_ttl_s = -5", "eviction.idle_ttl_s", "greater than or equal to 0"),
     ("[eviction]\nheadroom_mb = -1", "eviction.headroom_mb", "greater than or equal to 0"),
@@ -146,7 +150,7 @@ BAD: list[tuple[str, str, str]] = [
     ('[[nodes]]\nname = "n"\nendpoint = "http://h:1"\nvram_mb = 1\ncolour = 1', "nodes[0].colour", "unknown key"),
     (NODE + NODE, "nodes", "duplicate node name 'n1'"),
     ('[[models]]\nid = "m"\n[[models]]\nid = "m"', "models", "duplicate model id 'm'"),
-    ('[[models]]\nvram_mb = 3', "models[0].id", "required"),
+    ("[[models]]\nvram_mb = 3", "models[0].id", "required"),
     ('[[models]]\nid = "m"\nvram_mb = 0', "models[0].vram_mb", "greater than 0"),
     ('[[models]]\nid = "m"\nmax_output_tokens = 0', "models[0].max_output_tokens", "greater than 0"),
     ('[[models]]\nid = "m"\npriority = "high"', "models[0].priority", "integer"),
@@ -234,7 +238,9 @@ def test_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert find_config_file(str(named)) == named
     assert find_config_file(None) == env  # then $CORTEX_CONFIG
     monkeypatch.delenv("CORTEX_CONFIG")
-    assert find_config_file(None) is not None and find_config_file(None).resolve() == local.resolve()  # type: ignore[union-attr]
+    found = find_config_file(None)
+    assert found is not None
+    assert found.resolve() == local.resolve()  # then ./cortex.toml
     local.unlink()
     assert find_config_file(None) == user  # then the user's file
     user.unlink()

@@ -146,7 +146,7 @@ class World:
             gateway=GatewaySettings(listen="127.0.0.1:0", metrics_listen="", queue_timeout_s=1, drain_s=0),
             poll=PollSettings(interval_s=1),
             eviction=EvictionSettings(
-                strategy=strategy,  # type: ignore[arg-type]
+                strategy=strategy,
                 min_resident_s=MIN_RESIDENT_S,
                 headroom_mb=HEADROOM,
                 idle_ttl_s=120,

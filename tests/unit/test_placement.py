@@ -58,9 +58,7 @@ def node(
 ) -> NodeSnapshot:
     if used is None:
         used = sum(
-            s.vram_mb or 0
-            for s in slots
-            if s.state in (SlotState.LOADED, SlotState.LOADING, SlotState.UNLOADING)
+            s.vram_mb or 0 for s in slots if s.state in (SlotState.LOADED, SlotState.LOADING, SlotState.UNLOADING)
         )
     return NodeSnapshot(
         name=name,
@@ -602,9 +600,7 @@ def test_place(
 
 def test_place_never_exceeds_budget_on_the_chosen_node() -> None:
     nodes = [node("a", target(), slot("a1", 3000, used=1), slot("a2", 3000, used=2), headroom=700, total=9000)]
-    got = place(
-        TARGET, 4000, nodes, strategy="lru", priorities={}, now=NOW, min_resident_s=0, queued={}, exclude=()
-    )
+    got = place(TARGET, 4000, nodes, strategy="lru", priorities={}, now=NOW, min_resident_s=0, queued={}, exclude=())
     assert got == Placement("a", ("a1",), 9000 - 700 - 3000 - 4000)
     assert got is not None
     assert got.free_after_mb >= 0

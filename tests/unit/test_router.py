@@ -40,7 +40,9 @@ def node(
 
 CASES: list[Any] = [
     pytest.param([node("a")], (), "a", id="single-loaded-node"),
-    pytest.param([node("a", in_flight=3), node("b", in_flight=1), node("c", in_flight=2)], (), "b", id="least-in-flight"),
+    pytest.param(
+        [node("a", in_flight=3), node("b", in_flight=1), node("c", in_flight=2)], (), "b", id="least-in-flight"
+    ),
     pytest.param([node("a", in_flight=2), node("b", in_flight=2)], (), "a", id="tie-goes-to-config-order"),
     pytest.param(
         [node("a", in_flight=5), node("b", in_flight=2), node("c", in_flight=2)], (), "b", id="tie-after-better-node"

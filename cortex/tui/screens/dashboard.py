@@ -61,30 +61,36 @@ class DashboardScreen(Screen[None]):
         self._now = 0.0
         self._drawn_snap: FleetSnapshot | None = None
         self._drawn_view: tuple[object, ...] = ()
-        self._requests: tuple[tuple[RequestRecord, ...], str] | None = None
+        self._drawn_requests: tuple[tuple[RequestRecord, ...], str] | None = None
+        # The widgets exist from the start, so a redraw never has to look them up (or find them gone).
+        self.header = FleetHeader(id="header")
+        self.tables = {
+            "nodes": FleetTable(NODE_COLUMNS, id="nodes"),
+            "models": FleetTable(MODEL_COLUMNS, id="models"),
+        }
+        self.requests = FleetTable(REQUEST_COLUMNS, cursor=False, id="requests")
+        self.sparks = (SparkPanel(id="spark-tok"), SparkPanel(id="spark-ttft"))
+        self.filter_input = Input(
+            placeholder="filter nodes, models and requests (Enter keeps it, Esc clears it)", id="filter"
+        )
 
     def compose(self) -> ComposeResult:
-        yield FleetHeader(id="header")
-        yield FleetTable(NODE_COLUMNS, id="nodes")
-        yield FleetTable(MODEL_COLUMNS, id="models")
+        yield self.header
+        yield from self.tables.values()
         with Horizontal(id="sparks"):
-            yield SparkPanel(id="spark-tok")
-            yield SparkPanel(id="spark-ttft")
-        yield FleetTable(REQUEST_COLUMNS, cursor=False, id="requests")
-        yield Input(placeholder="filter nodes, models and requests (Enter keeps it, Esc clears it)", id="filter")
+            yield from self.sparks
+        yield self.requests
+        yield self.filter_input
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
-        self.query_one("#requests", FleetTable).border_title = "requests · newest first"
+        self.requests.border_title = "requests · newest first"
         self._titles()
-        self._redraw()
 
     @property
     def selection(self) -> Selection | None:
         """The node or model under the cursor of the table that has (or last had) the focus."""
-        if not self.is_mounted:
-            return None
-        key = self.query_one(f"#{self.table_id}", FleetTable).selected_key
+        key = self.tables[self.table_id].selected_key
         if key is None:
             return None
         return Selection("node" if self.table_id == "nodes" else "model", key)
@@ -92,41 +98,37 @@ class DashboardScreen(Screen[None]):
     def show(self, snap: FleetSnapshot, now: float) -> None:
         """Redraw from a snapshot; cheap when nothing visible changed."""
         self._snap, self._now = snap, now
-        if self.is_mounted:
-            self._redraw()
+        self._redraw()
 
     def _redraw(self) -> None:
-        snap, now = self._snap, self._now
+        snap, now, needle = self._snap, self._now, self.needle
         if snap is None:
             return
-        view = (int(now), self.needle, self.sorts["nodes"], self.sorts["models"])
+        view = (int(now), needle, self.sorts["nodes"], self.sorts["models"])
         if snap is not self._drawn_snap or view != self._drawn_view:
             self._drawn_snap, self._drawn_view = snap, view
-            self.query_one(FleetHeader).show(header_line(snap, now, address=self.address, read_only=self.read_only))
-            self.query_one("#nodes", FleetTable).sync(
-                node_rows(snap, now, needle=self.needle, sort=self.sorts["nodes"])
-            )
-            self.query_one("#models", FleetTable).sync(
-                model_rows(snap, now, needle=self.needle, sort=self.sorts["models"])
-            )
-        if self._requests is None or self._requests[0] is not snap.requests or self._requests[1] != self.needle:
-            self._requests = (snap.requests, self.needle)
-            self.query_one("#requests", FleetTable).sync(request_rows(snap.requests, self.tz, needle=self.needle))
+            self.header.show(header_line(snap, now, address=self.address, read_only=self.read_only))
+            self.tables["nodes"].sync(node_rows(snap, now, needle=needle, sort=self.sorts["nodes"]))
+            self.tables["models"].sync(model_rows(snap, now, needle=needle, sort=self.sorts["models"]))
+        drawn = self._drawn_requests
+        if drawn is None or drawn[0] is not snap.requests or drawn[1] != needle:
+            self._drawn_requests = (snap.requests, needle)
+            self.requests.sync(request_rows(snap.requests, self.tz, needle=needle))
         self._show_sparks()
 
     def _show_sparks(self) -> None:
         if self._snap is None:
             return
         selected = selection_stats(self._snap, self.selection)
-        (tok_caption, ttft_caption) = spark_captions(selected)
+        tok_caption, ttft_caption = spark_captions(selected)
         stats = None if selected is None else selected[1]
-        self.query_one("#spark-tok", SparkPanel).show(tok_caption, () if stats is None else stats.tok_s_series)
-        self.query_one("#spark-ttft", SparkPanel).show(ttft_caption, () if stats is None else stats.ttft_series)
+        self.sparks[0].show(tok_caption, () if stats is None else stats.tok_s_series)
+        self.sparks[1].show(ttft_caption, () if stats is None else stats.ttft_series)
 
     def _titles(self) -> None:
         suffix = f" · filter: {self.needle}" if self.needle else ""
-        for table_id in ("nodes", "models"):
-            self.query_one(f"#{table_id}", FleetTable).border_title = f"{table_id} · by {self.sorts[table_id]}{suffix}"
+        for table_id, table in self.tables.items():
+            table.border_title = f"{table_id} · by {self.sorts[table_id]}{suffix}"
 
     def cycle_sort(self) -> str:
         """Switch the focused table to its next sort order; returns what it is now sorted by."""
@@ -139,18 +141,16 @@ class DashboardScreen(Screen[None]):
 
     def open_filter(self) -> None:
         """Show the filter input with the current filter and give it the focus."""
-        field = self.query_one("#filter", Input)
-        field.value = self.needle
-        field.display = True
-        field.focus()
+        self.filter_input.value = self.needle
+        self.filter_input.display = True
+        self.filter_input.focus()
 
     def _close_filter(self) -> None:
-        field = self.query_one("#filter", Input)
-        field.display = False
-        self.query_one(f"#{self.table_id}", FleetTable).focus()
+        self.filter_input.display = False
+        self.tables[self.table_id].focus()
 
     def action_clear_filter(self) -> None:
-        self.query_one("#filter", Input).value = ""
+        self.filter_input.value = ""
         self._set_needle("")
         self._close_filter()
 
