@@ -74,8 +74,8 @@ FULL = {
     "chunk_tok_s": 500,  # tokens/s of each chunk stream: one chunk every 2 ms, 1,000 chunks/s in all
     "hold_count": 1000,
     "hold_tok_s": 1,
-    "hold_tokens": 8,  # a held stream lasts hold_tokens / hold_tok_s seconds
-    "hold_targets": ["direct", "cortex", "nginx", "minimal"],  # direct: a control for the client and node
+    "hold_tokens": 16,  # a held stream lasts hold_tokens / hold_tok_s seconds: longer than opening them all
+    "hold_targets": ["cortex", "nginx", "minimal"],  # add "direct" for a control of the client and the node
     "idle_s": 4.0,
     "anthropic_reps": 3,
     "metrics_calls": 50000,
@@ -84,9 +84,9 @@ QUICK = FULL | {
     "req_n": 500,
     "req_reps": 3,
     "req_warm": 200,
-    "lat_n": 150,
+    "lat_n": 100,
     "stream_reps": 2,
-    "hold_tokens": 6,
+    "hold_tokens": 10,
     "hold_targets": ["cortex"],
     "idle_s": 2.0,
     "anthropic_reps": 1,
@@ -298,7 +298,9 @@ def start_all(procs: Procs, tmp: Path, cfg: dict[str, Any], log: Any) -> tuple[l
     cortex_config(
         conf, port=cport, metrics_port=mport, nodes=[(f"sim-{p}", sim_ports[p], [m]) for p, m in PHASES.items()]
     )
-    cortex = procs.start("cortex", [PY, "-m", "cortex", "--no-tui", "--config", str(conf)], env)
+    src: Path | None = cfg.get("cortex_src")
+    cortex_env, cortex_cwd = (env, ROOT) if src is None else (env | {"PYTHONPATH": str(src)}, src)
+    cortex = procs.start("cortex", [PY, "-m", "cortex", "--no-tui", "--config", str(conf)], cortex_env, cortex_cwd)
     base = f"http://127.0.0.1:{cport}"
     t0 = time.monotonic()
     wait_for(
@@ -725,8 +727,11 @@ def main() -> int:
         help="scheduling priority of the benchmark and everything it starts (default %(default)s, needs root; "
         "on a shared machine it keeps other work from adding noise; 0 leaves it alone)",
     )
+    parser.add_argument("--cortex-src", type=Path, help="run cortex from this copy of the source tree (A/B a change)")
     args = parser.parse_args()
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.cortex_src is not None:
+        cfg["cortex_src"] = args.cortex_src.resolve()
     term_on_sigterm()
     nofile = raise_nofile()
     niceness = os.nice(0)
@@ -765,7 +770,7 @@ def main() -> int:
         "nice": niceness,
         "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
         "quick": args.quick,
-        "config": cfg,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()},
         "wall_s": time.monotonic() - started,
     }
     print()

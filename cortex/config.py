@@ -13,10 +13,11 @@ The file is found in this order: ``--config``, ``$CORTEX_CONFIG``, ``./cortex.to
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -24,6 +25,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -44,7 +46,7 @@ __all__ = [
 
 
 class ConfigFileError(Exception):
-    """The config file is missing or is not valid TOML."""
+    """The config cannot be read: a missing file, invalid TOML, or a ``CORTEX_*`` variable that is not JSON."""
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -290,7 +292,7 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
     """Build the settings from a TOML file (or none), the environment and keyword overrides.
 
     Raises:
-        ConfigFileError: when the file is not valid TOML.
+        ConfigFileError: when the file is not valid TOML, or a variable for a list or table is not JSON.
         pydantic.ValidationError: when a value is wrong; format it with :func:`format_validation_error`.
     """
     if path is not None:
@@ -306,8 +308,38 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
     _CONFIG_PATH["path"] = path
     try:
         return Settings(**overrides)
+    except SettingsError as exc:  # pydantic-settings could not decode a variable (not a ValidationError)
+        raise ConfigFileError(_env_problem(exc)) from None
     finally:
         _CONFIG_PATH["path"] = None
+
+
+def _env_problem(exc: SettingsError) -> str:
+    """Name the ``CORTEX_*`` variable for a list or table whose value is not JSON (``key.path: problem``)."""
+    for var, value in sorted(os.environ.items()):
+        parts = var[len("CORTEX_") :].lower().split("__")
+        if not var.upper().startswith("CORTEX_") or not _is_complex(parts):
+            continue
+        try:
+            json.loads(value)
+        except ValueError as err:
+            return f"{'.'.join(parts)}: environment variable {var} must be JSON ({err})"
+    return f"environment: {exc}"
+
+
+def _is_complex(parts: list[str]) -> bool:
+    """Whether a key path names a table or a list (values pydantic-settings decodes as JSON)."""
+    model: type[BaseModel] = Settings
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+            continue
+        return i == len(parts) - 1 and get_origin(annotation) in (list, dict)
+    return True
 
 
 def _loc_to_path(loc: Sequence[int | str]) -> str:

@@ -246,6 +246,7 @@ class Engine:
         from cortex.engine.events import RequestCompleted
 
         record = self.metrics.request_done(outcome)
+        self.fleet.touch()
         if self.bus.subscribers:
             self.bus.publish(RequestCompleted(record))
         self.lifecycle.changed()

@@ -314,9 +314,7 @@ class Fleet:
         self.touch()
         return slot
 
-    def poll_ok(
-        self, node: NodeRec, models: dict[str, str], info: SystemInfo | None, *, fresh: bool = False
-    ) -> bool:
+    def poll_ok(self, node: NodeRec, models: dict[str, str], info: SystemInfo | None, *, fresh: bool = False) -> bool:
         """Apply a good poll. Returns True when the node just came (back) up.
 
         A node's polls run one after another, so this one started after the previous one was applied

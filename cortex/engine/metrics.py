@@ -222,13 +222,35 @@ class _FleetCollector(Collector):
             "cortex_requests_in_flight", "Requests being served, per model and node", labels=["model", "node"]
         )
         queue = GaugeMetricFamily("cortex_queue_depth", "Requests waiting for a model to load", labels=["model"])
-        families = (up, total, used, cycles, loaded, pinned, inflight, queue)
+        agent_up = GaugeMetricFamily(
+            "cortex_agent_up", "1 while the node's agent reports (fresh), 0 once stale", labels=["node"]
+        )
+        gpu_total = GaugeMetricFamily(
+            "cortex_gpu_memory_total_bytes",
+            "GPU memory per device, as the node's agent reads it (NVML)",
+            labels=["node", "gpu", "name"],
+        )
+        gpu_used = GaugeMetricFamily(
+            "cortex_gpu_memory_used_bytes", "GPU memory in use per device (NVML)", labels=["node", "gpu", "name"]
+        )
+        gpu_util = GaugeMetricFamily(
+            "cortex_gpu_utilization_ratio", "GPU utilisation per device, 0-1 (NVML)", labels=["node", "gpu", "name"]
+        )
+        families = (up, total, used, cycles, loaded, pinned, inflight, queue, agent_up, gpu_total, gpu_used, gpu_util)
         if snap is not None:
             for node in snap.nodes:
                 up.add_metric([node.name], 1.0 if node.status.value in ("up", "draining") else 0.0)
                 total.add_metric([node.name], float(node.vram_total_mb * _MIB))
                 used.add_metric([node.name], float(node.vram_used_mb * _MIB))
                 cycles.add_metric([node.name], float(node.cycles))
+                if node.agent is not None:
+                    agent_up.add_metric([node.name], 1.0 if node.agent.fresh else 0.0)
+                    for gpu in node.agent.gpus if node.agent.fresh else ():
+                        labels = [node.name, str(gpu.index), gpu.name]
+                        gpu_total.add_metric(labels, float(gpu.total_mb * _MIB))
+                        gpu_used.add_metric(labels, float(gpu.used_mb * _MIB))
+                        if gpu.util_pct is not None:
+                            gpu_util.add_metric(labels, gpu.util_pct / 100.0)
                 for slot in node.slots:
                     loaded.add_metric([slot.model_id, node.name], 1.0 if slot.state is SlotState.LOADED else 0.0)
                     pinned.add_metric([slot.model_id, node.name], 1.0 if slot.pinned else 0.0)

@@ -23,12 +23,12 @@ START: dict[str, Any] = {
         "usage": {"input_tokens": 3, "output_tokens": 0},
     },
 }
-TEXT = [
+TEXT: list[dict[str, Any]] = [
     {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
     {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
     {"type": "content_block_stop", "index": 0},
 ]
-END = [
+END: list[dict[str, Any]] = [
     {
         "type": "message_delta",
         "delta": {"stop_reason": "end_turn", "stop_sequence": None},
@@ -36,7 +36,7 @@ END = [
     },
     {"type": "message_stop"},
 ]
-GOOD = [START, {"type": "ping"}, *TEXT, *END]
+GOOD: list[dict[str, Any]] = [START, {"type": "ping"}, *TEXT, *END]
 
 
 def tool(index: int, partial: str, start_input: Any = None) -> list[dict[str, Any]]:

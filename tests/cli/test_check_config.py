@@ -170,3 +170,12 @@ def test_version(cli: CliRunner) -> None:
     proc = cli("--version")
     assert proc.returncode == 0
     assert re.fullmatch(r"cortex \d+\.\d+\.\d+\S*\n", proc.stdout)
+
+
+def test_a_non_json_env_value_is_one_line_exit_2(cli: CliRunner) -> None:
+    proc = cli("check-config", CORTEX_GATEWAY__API_KEYS="sk-1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "cortex: gateway.api_keys: environment variable CORTEX_GATEWAY__API_KEYS must be JSON"
+        " (Expecting value: line 1 column 1 (char 0))"
+    ]

@@ -23,6 +23,10 @@ class Clock:
         return self.now
 
 
+def state(fleet: Fleet, model: str) -> SlotState:
+    return fleet.nodes["a"].slots[model].state
+
+
 def _fleet(tmp_path: Path) -> tuple[Fleet, Clock]:
     clock = Clock()
     settings = Settings(nodes=[NodeSettings(name="a", endpoint="http://a.invalid:1", vram_mb=8192)])
@@ -47,14 +51,14 @@ def test_stale_reloading_after_a_load_is_ignored_once(tmp_path: Path) -> None:
     fleet.set_slot(node, "x", SlotState.LOADED)  # the reload answered `loaded`
     clock.now += 0.1
     fleet.poll_ok(node, {"x": "reloading"}, None)  # read while the load ran
-    assert node.slots["x"].state is SlotState.LOADED
+    assert state(fleet, "x") is SlotState.LOADED
     assert pick_node("x", fleet.nodes.values()) == "a"
     clock.now += 1
     fleet.poll_ok(node, {"x": "loaded"}, None)
-    assert node.slots["x"].state is SlotState.LOADED
+    assert state(fleet, "x") is SlotState.LOADED
     clock.now += 1
     fleet.poll_ok(node, {"x": "unloaded"}, None)  # a real external unload, read after cortex's act
-    assert node.slots["x"].state is SlotState.UNLOADED
+    assert state(fleet, "x") is SlotState.UNLOADED
 
 
 def test_stale_loaded_after_an_unload_is_ignored(tmp_path: Path) -> None:
@@ -62,12 +66,12 @@ def test_stale_loaded_after_an_unload_is_ignored(tmp_path: Path) -> None:
     node = fleet.nodes["a"]
     clock.now += 1
     fleet.poll_ok(node, {"x": "loaded"}, None)
-    assert node.slots["x"].state is SlotState.LOADED
+    assert state(fleet, "x") is SlotState.LOADED
     clock.now += 1
     fleet.set_slot(node, "x", SlotState.UNLOADED)  # cortex unloaded it
     clock.now += 0.1
     fleet.poll_ok(node, {"x": "loaded"}, None)  # read before the unload
-    assert node.slots["x"].state is SlotState.UNLOADED
+    assert state(fleet, "x") is SlotState.UNLOADED
     assert pick_node("x", fleet.nodes.values()) is None
 
 
@@ -78,9 +82,9 @@ def test_fresh_reads_and_recoveries_apply_at_once(tmp_path: Path) -> None:
     fleet.set_slot(node, "x", SlotState.UNLOADED)
     clock.now += 0.1
     fleet.poll_ok(node, {"x": "loaded"}, None, fresh=True)  # e.g. read after a restart by the defrag
-    assert node.slots["x"].state is SlotState.LOADED
+    assert state(fleet, "x") is SlotState.LOADED
     fleet.set_slot(node, "x", SlotState.UNLOADED)
     fleet.mark_down(node, "test")
     clock.now += 1
     assert fleet.poll_ok(node, {"x": "loaded"}, None)  # came back up: what it says now is the truth
-    assert node.slots["x"].state is SlotState.LOADED
+    assert state(fleet, "x") is SlotState.LOADED

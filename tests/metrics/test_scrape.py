@@ -222,6 +222,14 @@ SPEC_METRICS = {
 }
 """product.md §5 (plus eviction cycles): family name as the parser reports it → type and label names."""
 
+AGENT_METRICS = {
+    "cortex_agent_up": ("gauge", {"node"}),
+    "cortex_gpu_memory_total_bytes": ("gauge", {"node", "gpu", "name"}),
+    "cortex_gpu_memory_used_bytes": ("gauge", {"node", "gpu", "name"}),
+    "cortex_gpu_utilization_ratio": ("gauge", {"node", "gpu", "name"}),
+}
+"""Issue 7: what a node's agent reports (only present once an agent has reported)."""
+
 
 def test_every_spec_metric_has_its_type_and_labels() -> None:
     metrics = CortexMetrics()
@@ -269,7 +277,9 @@ def test_every_spec_metric_has_its_type_and_labels() -> None:
         assert series, f"{sample} has no sample"
         for lab in series:
             assert {k for k, _ in lab} == names, sample
-    assert set(m.types) == set(SPEC_METRICS), "an exported family is not in the list above"
+    assert set(m.types) == set(SPEC_METRICS) | set(AGENT_METRICS), "an exported family is not in the lists above"
+    for family, (kind, _names) in AGENT_METRICS.items():
+        assert m.types[family] == kind, family
     promtool_check(m.text)  # every family with samples, unloads and restarts included
 
 
@@ -310,3 +320,38 @@ def test_load_results_stay_bounded() -> None:
     assert (
         metrics.registry.get_sample_value("cortex_model_load_duration_seconds_count", {"model": "m", "node": "n"}) == 1
     )
+
+
+def test_agent_gpu_figures_are_exported_while_fresh() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cortex.engine.state import AgentInfo, FleetSnapshot, GpuInfo, NodeSnapshot, NodeStatus
+
+    gpus = (GpuInfo(0, "NVIDIA H200", 143771, 9000, 37.0), GpuInfo(1, "NVIDIA H200", 143771, 100, None))
+
+    def snap(fresh: bool) -> FleetSnapshot:
+        node = NodeSnapshot(
+            name="a", endpoint="http://127.0.0.1:1", status=NodeStatus.UP, vram_total_mb=287542,
+            vram_used_mb=9100, vram_source="agent", headroom_mb=0,
+            agent=AgentInfo(seen_at=1.0, fresh=fresh, gpus=gpus),
+        )
+        return FleetSnapshot(taken_at=1.0, started_at=0.0, gateway="x", nodes=(node,))
+
+    metrics = CortexMetrics()
+    current = snap(True)
+    metrics.bind_fleet(lambda: current)
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(metrics.exposition().decode())
+        for s in fam.samples
+    }
+    assert values[("cortex_agent_up", (("node", "a"),))] == 1.0
+    key = (("gpu", "0"), ("name", "NVIDIA H200"), ("node", "a"))
+    assert values[("cortex_gpu_memory_used_bytes", key)] == 9000 * 1024 * 1024
+    assert values[("cortex_gpu_memory_total_bytes", key)] == 143771 * 1024 * 1024
+    assert values[("cortex_gpu_utilization_ratio", key)] == pytest.approx(0.37)
+    assert ("cortex_gpu_utilization_ratio", (("gpu", "1"), ("name", "NVIDIA H200"), ("node", "a"))) not in values
+    current = snap(False)
+    stale = metrics.exposition().decode()
+    assert 'cortex_agent_up{node="a"} 0.0' in stale
+    assert "cortex_gpu_memory_used_bytes{" not in stale

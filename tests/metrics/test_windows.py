@@ -203,11 +203,6 @@ async def test_admin_fleet_exposes_window_stats_and_the_ring(fleet: FleetFactory
     assert data["totals"]["errors"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in cortex/engine/engine.py: Engine.record() does not fleet.touch(), so a request that took "
-    "no lease (400/404) reaches GET /admin/fleet and the console only on the next poll or after 1 s",
-)
 async def test_admin_fleet_shows_a_request_that_took_no_lease_at_once(fleet: FleetFactory) -> None:
     f = await fleet(NodeSpec("a", [SimModel("m1", 1000)]), poll={"interval_s": 30.0})
     body = {"model": "m1", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}

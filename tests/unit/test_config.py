@@ -297,3 +297,30 @@ def test_the_coverage_check_would_notice_a_missing_field() -> None:
         "gateway.listen",
         "gateway.metrics_listen",
     ]
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "path"),
+    [
+        ("CORTEX_GATEWAY__API_KEYS", "k1", "gateway.api_keys"),
+        ("CORTEX_NODES", "gpu-a", "nodes"),
+        ("CORTEX_GATEWAY", "listen=1", "gateway"),
+    ],
+    ids=["list-in-section", "top-level-list", "section"],
+)
+def test_a_non_json_env_value_for_a_list_or_table_names_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, var: str, value: str, path: str
+) -> None:
+    monkeypatch.setenv("CORTEX_GATEWAY__LISTEN", "127.0.0.1:1")  # a plain value beside it is not blamed
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigFileError) as exc:
+        load_settings(write(tmp_path, ""))
+    assert str(exc.value).startswith(f"{path}: environment variable {var} must be JSON"), exc.value
+
+
+def test_json_env_values_for_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORTEX_GATEWAY__API_KEYS", '["k1", "k2"]')
+    monkeypatch.setenv("CORTEX_NODES", '[{"name": "a", "endpoint": "http://a:1", "vram_mb": 5}]')
+    s = load_settings(None)
+    assert [k.get_secret_value() for k in s.gateway.api_keys] == ["k1", "k2"]
+    assert s.nodes[0].endpoint == "http://a:1"

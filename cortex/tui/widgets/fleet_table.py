@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from rich.cells import cell_len, set_cell_size
 from rich.console import Console, ConsoleOptions
 from rich.segment import Segment
+from rich.style import Style
 from rich.text import Text
 from textual import events
 from textual.widgets import DataTable
@@ -64,11 +65,18 @@ class FleetTable(DataTable[ToneText]):
         cursor: bool = True,
         id: str | None = None,  # noqa: A002 - textual's name for it
     ) -> None:
-        super().__init__(id=id, cursor_type="row", show_cursor=cursor, cell_padding=0)
+        super().__init__(
+            id=id,
+            cursor_type="row",
+            show_cursor=cursor,
+            cell_padding=0,
+            cursor_foreground_priority="renderable",  # a red "down" stays red under the cursor
+        )
         self.can_focus = cursor
         self._specs = tuple(columns)
         self._rows: list[Row] = []
         self._flex_width = -1
+        self._tone_styles: dict[str, Style] = {}
 
     @property
     def keys(self) -> list[str]:
@@ -96,7 +104,7 @@ class FleetTable(DataTable[ToneText]):
         out = [Segment(" ")]
         used = 1
         for run, tone in spans:
-            style = self.get_component_rich_style(f"tone--{tone}", partial=True) if tone else None
+            style = self._tone_style(tone) if tone else None
             length = cell_len(run)
             if used + length > width:
                 room = width - used
@@ -140,6 +148,20 @@ class FleetTable(DataTable[ToneText]):
             index = wanted.index(selected)
             if index != self.cursor_row:
                 self.move_cursor(row=index, animate=False)
+
+    def _tone_style(self, tone: str) -> Style:
+        style = self._tone_styles.get(tone)
+        if style is None:
+            # The full component style has translucent colours ($text-muted) blended already; keep
+            # only its foreground and text style so the row's own background (cursor, stripes) shows.
+            full = self.get_component_rich_style(f"tone--{tone}")
+            style = Style(color=full.color, bold=full.bold, italic=full.italic, underline=full.underline)
+            self._tone_styles[tone] = style
+        return style
+
+    def notify_style_update(self) -> None:
+        self._tone_styles = {}
+        super().notify_style_update()
 
     def _cells(self, key: str, cells: tuple[Cell, ...]) -> list[ToneText]:
         return [ToneText(self, key, c, right=spec.right) for spec, c in zip(self._specs, cells, strict=True)]
