@@ -12,7 +12,7 @@ import asyncio
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
@@ -63,11 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("node")
         _gateway_flag(p)
 
-    from cortex.agent.cli import add_agent_arguments
-    from cortex.sim.cli import add_sim_arguments
-
-    add_agent_arguments(sub.add_parser("agent", parents=[common], help="the per-node sidecar"))
-    add_sim_arguments(sub.add_parser("sim", parents=[common], help="run one simulated mistral.rs node"))
+    # `agent` and `sim` parse their own flags (see _own_parser): importing them costs a second that
+    # `cortex status` should not pay.
+    for name, text in (("agent", "the per-node sidecar"), ("sim", "run one simulated mistral.rs node")):
+        sub.add_parser(name, help=text)
     return parser
 
 
@@ -86,6 +85,29 @@ def _global_flags(p: argparse.ArgumentParser, *, suppress: bool) -> None:
         help="more logging (-vv for debug)",
         **(default or {"default": 0}),  # type: ignore[arg-type]
     )
+
+
+def _own_command(argv: list[str]) -> tuple[int, str] | None:
+    """Where `agent` or `sim` stands as the subcommand, if it does."""
+    skip = False
+    for index, token in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if token == "--config":
+            skip = True
+            continue
+        if token.startswith("-"):
+            continue
+        return (index, token) if token in ("agent", "sim") else None
+    return None
+
+
+def _own_parser(name: str, add: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"cortex {name}")
+    _global_flags(parser, suppress=False)
+    add(parser)
+    return parser
 
 
 def _serve_flags(p: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -122,17 +144,21 @@ def _settings(args: argparse.Namespace, *, demo: bool = False) -> Settings | int
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cortex`` console script."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    own = _own_command(args_list)
+    if own is not None:
+        index, name = own
+        rest = args_list[:index] + args_list[index + 1 :]
+        if name == "agent":
+            from cortex.agent.cli import add_agent_arguments, run_agent
+
+            return run_agent(_own_parser("agent", add_agent_arguments).parse_args(rest))
+        from cortex.sim.cli import add_sim_arguments, run_sim
+
+        return run_sim(_own_parser("sim", add_sim_arguments).parse_args(rest))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     command = args.command or "serve"
-    if command == "agent":
-        from cortex.agent.cli import run_agent
-
-        return run_agent(args)
-    if command == "sim":
-        from cortex.sim.cli import run_sim
-
-        return run_sim(args)
     demo = bool(getattr(args, "demo", False))
     settings = _settings(args, demo=demo)
     if isinstance(settings, int):

@@ -489,6 +489,12 @@ class Lifecycle:
         was_drained = node.drained
         keep = {m for m, s in node.slots.items() if s.state is SlotState.LOADED} | set(fleet.pins.get(node.name, ()))
         self.bus.publish(DefragStarted(node.name, node.cycles))
+        # The requests that waited for the load that triggered this defrag get their leases first.
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(
+            fleet.queued.get(m) for m, s in node.slots.items() if s.state is SlotState.LOADED
+        ):
+            await asyncio.sleep(0.01)
         node.drained = True
         fleet.touch()
         try:

@@ -19,6 +19,8 @@ __all__ = ["LIFECYCLE_STATUSES", "LifecycleReply", "MistralRsClient", "NodeError
 
 LIFECYCLE_STATUSES = frozenset({"loaded", "unloaded", "reloading", "not_found", "no_loader_config", "internal_error"})
 _MIB = 1024 * 1024
+_RANK = {"unloaded": 0, "reloading": 1, "loaded": 2}
+"""Which status wins when the stuck-reload bug lists an id twice."""
 
 
 class NodeError(Exception):
@@ -45,8 +47,9 @@ class SystemInfo:
 def parse_models(payload: Any) -> dict[str, str]:
     """Map model id → status from a ``/v1/models`` body.
 
-    The ``default`` entry is dropped. When the stuck-reload bug lists an id twice (``reloading`` and
-    ``loaded``), ``loaded`` wins: the engine keeps serving until it is unloaded. Entries without a status
+    The ``default`` entry is dropped. When the stuck-reload bug lists an id twice, ``loaded`` wins (the
+    engine keeps serving until it is unloaded), and ``reloading`` beats ``unloaded`` (what
+    ``/v1/models/status`` says, and a reload would never finish). Entries without a status
     (servers before v0.7.0) count as loaded. LoRA adapter cards (with a ``parent``) are skipped.
     """
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
@@ -61,7 +64,7 @@ def parse_models(payload: Any) -> dict[str, str]:
         status = entry.get("status", "loaded")
         if not isinstance(status, str):
             continue
-        if out.get(model_id) == "loaded":
+        if _RANK.get(out.get(model_id, ""), -1) >= _RANK.get(status, 0):
             continue
         out[model_id] = status
     return out

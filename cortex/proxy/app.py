@@ -120,19 +120,23 @@ async def serve(engine: Engine) -> AsyncIterator[Servers]:
     servers = Servers()
     runners: list[web.AppRunner] = []
     try:
-        runner = web.AppRunner(create_app(engine), access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            create_app(engine), access_log=None, handle_signals=False, shutdown_timeout=settings.drain_s
+        )
         await runner.setup()
         runners.append(runner)
         host, port = parse_listen(settings.listen)
-        site = web.TCPSite(runner, host, port, shutdown_timeout=settings.drain_s, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
         servers.api = _bound(runner, host)
         if settings.metrics_listen:
-            mrunner = web.AppRunner(create_metrics_app(engine), access_log=None, handle_signals=False)
+            mrunner = web.AppRunner(
+                create_metrics_app(engine), access_log=None, handle_signals=False, shutdown_timeout=1.0
+            )
             await mrunner.setup()
             runners.append(mrunner)
             mhost, mport = parse_listen(settings.metrics_listen)
-            await web.TCPSite(mrunner, mhost, mport, shutdown_timeout=1.0, reuse_address=True).start()
+            await web.TCPSite(mrunner, mhost, mport, reuse_address=True).start()
             servers.metrics = _bound(mrunner, mhost)
         engine.gateway = f"{servers.api[0]}:{servers.api[1]}"
         engine.fleet.gateway = engine.gateway

@@ -220,11 +220,6 @@ async def test_stuck_reloading_model_is_never_reloaded(
     assert len(recorded(a, CHAT, "m")) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cortex/engine/mistralrs.py parse_models: an id listed as both `reloading` and `unloaded` (the reload "
-    "bug after an unload) is read as `unloaded` (last entry wins); `/v1/models/status` says `reloading`",
-)
 async def test_unloaded_stuck_model_is_seen_as_reloading(
     sims: SimFactory, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:

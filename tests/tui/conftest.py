@@ -1,18 +1,13 @@
-"""Deterministic console tests: no cursor blink, no animations, a fake engine, collected notifications."""
+"""Fixtures of the console tests: no cursor blink, no animations, no NO_COLOR, a fake engine."""
 
 from __future__ import annotations
 
 import pytest
 import textual.constants
-from textual.message import Message
-from textual.notifications import Notification, Notify
-from textual.pilot import Pilot
 from textual.widgets import Input
 
-from cortex.tui.app import CortexApp
-from cortex.tui.render import Selection
-from cortex.tui.widgets.fleet_table import FleetTable
 from tests.tui.fakes import FakeEngine
+from tests.tui.pilots import Messages
 
 
 @pytest.fixture(autouse=True)
@@ -28,37 +23,6 @@ def engine() -> FakeEngine:
     return FakeEngine()
 
 
-class Messages(list[Message]):
-    """The messages an app processed (``run_test(message_hook=messages.append)``)."""
-
-    def notifications(self) -> list[Notification]:
-        return [m.notification for m in self if isinstance(m, Notify)]
-
-    def of(self, kind: type[Message]) -> list[Message]:
-        return [m for m in self if isinstance(m, kind)]
-
-
 @pytest.fixture
 def messages() -> Messages:
     return Messages()
-
-
-async def select(pilot: Pilot[int], kind: str, key: str) -> None:
-    """Focus the nodes or models table and put its cursor on a row, as Tab and the arrows would."""
-    app = pilot.app
-    assert isinstance(app, CortexApp)
-    table = app.dashboard.query_one("#nodes" if kind == "node" else "#models", FleetTable)
-    table.focus()
-    await pilot.pause()
-    table.move_cursor(row=table.keys.index(key), animate=False)
-    await pilot.pause()
-    assert app.dashboard.selection == Selection("node" if kind == "node" else "model", key)
-
-
-async def settle(pilot: Pilot[int]) -> None:
-    """Let submitted commands finish and their results be handled."""
-    await pilot.pause()
-    pending = [w for w in pilot.app.workers if w.group == "commands"]
-    if pending:  # an empty list would mean "every worker", the event stream included
-        await pilot.app.workers.wait_for_complete(pending)
-    await pilot.pause()

@@ -7,8 +7,8 @@ from dataclasses import replace
 from cortex.engine import CommandResult, NodeStatus, commands, events
 from cortex.tui.messages import CommandFinished, CommandSubmitted, EngineEventReceived
 from cortex.tui.screens.confirm import ConfirmScreen
-from tests.tui.conftest import Messages, select, settle
 from tests.tui.fakes import GEMMA, LLAMA, PHI, FakeEngine, build_app, build_fleet
+from tests.tui.pilots import Messages, select, settle
 
 DIRECT_KEYS: list[tuple[str, str, str, commands.Command]] = [
     ("model", GEMMA, "p", commands.PinModel(GEMMA)),

@@ -9,8 +9,8 @@ import pytest
 from cortex.tui.screens.detail import DetailScreen
 from cortex.tui.screens.help import HelpScreen
 from cortex.tui.widgets.fleet_table import FleetTable
-from tests.tui.conftest import Messages, select
 from tests.tui.fakes import GEMMA, LLAMA, NOW, PHI, QWEN7, FakeEngine, build_app
+from tests.tui.pilots import Messages, select
 
 
 def rows(app_table: FleetTable) -> list[str]:

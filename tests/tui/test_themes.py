@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from cortex.tui.themes import FALLBACK_THEME, ThemeFile, find_theme_dir, load_themes
-from tests.tui.conftest import Messages
 from tests.tui.fakes import REPO_THEMES, build_app
+from tests.tui.pilots import Messages
 
 TCSS = Path(__file__).resolve().parents[2] / "cortex" / "tui" / "cortex.tcss"
 
