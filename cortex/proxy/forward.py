@@ -117,6 +117,9 @@ async def send(
         except aiohttp.ClientError as exc:
             failure = f"{node.name} unreachable: {exc or type(exc).__name__}"
             info = None
+        except asyncio.CancelledError:
+            lease.release()  # the client went away while the node was thinking
+            raise
         else:
             call.upstream_s += time.monotonic() - t0
             if resp.status < 400:

@@ -20,11 +20,13 @@ DRAIN_S = 4.0
 
 
 @pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[tuple[Engine, SimNode]]:
+async def stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[tuple[Engine, SimNode]]:
+    """A node and an engine; the test enters and leaves ``serve()`` itself (``drain_s`` by indirect param)."""
+    drain_s = float(getattr(request, "param", DRAIN_S))
     sim = SimNode([SimModel("m1", 1000)], name="a", tok_s=10, load_s=0.05)
     await sim.start()
     settings = Settings(
-        gateway=GatewaySettings(listen="127.0.0.1:0", metrics_listen="", drain_s=DRAIN_S),
+        gateway=GatewaySettings(listen="127.0.0.1:0", metrics_listen="", drain_s=drain_s),
         poll=PollSettings(interval_s=0.2),
         nodes=[NodeSettings(name="a", endpoint=sim.url, vram_mb=8192)],
     )
@@ -84,3 +86,29 @@ async def test_live_stream_finishes_during_the_drain(stack: tuple[Engine, SimNod
     async with aiohttp.ClientSession() as http:
         with pytest.raises(aiohttp.ClientConnectionError):
             await http.get(servers.url + "/health")
+
+
+@pytest.mark.parametrize("stack", [0.6], indirect=True, ids=["drain-0.6s"])
+async def test_a_stream_longer_than_drain_s_is_cut_at_drain_s(stack: tuple[Engine, SimNode]) -> None:
+    engine, sim = stack
+    cm, servers = await _enter(engine)
+    exiting: asyncio.Future[bool | None] | None = None
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "m1", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100, "stream": True}
+            async with http.post(servers.url + "/v1/chat/completions", json=body) as resp:  # 10 s at 10 tok/s
+                await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
+                started = time.monotonic()
+                exiting = asyncio.ensure_future(cm.__aexit__(None, None, None))
+                await asyncio.wait_for(asyncio.shield(exiting), 5)
+                took = time.monotonic() - started
+                with contextlib.suppress(aiohttp.ClientError):
+                    await asyncio.wait_for(resp.read(), 2)
+    finally:
+        await (exiting if exiting is not None else cm.__aexit__(None, None, None))
+    assert 0.5 <= took < 1.8, f"drain_s is 0.6 s; leaving serve() took {took:.2f} s"
+    node = engine.snapshot().node("a")
+    assert node is not None
+    assert node.in_flight == 0  # the cut stream's lease was released
+    await asyncio.sleep(0.2)
+    assert sim.running == 0  # and the node stopped generating for it
