@@ -189,7 +189,7 @@ async def _restart(engine: Engine, c: cmd.Command) -> Result:
     if not result.ran:
         return Result(False, result.message)
     if not result.ok:
-        return Result(False, f"restart of {node.name} failed: {result.message}")
+        return Result(False, result.message)
     return Result(True, f"restarted {node.name}", {"message": result.message})
 
 

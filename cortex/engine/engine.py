@@ -87,6 +87,7 @@ class Engine:
             self.background(self._poll_loop(node))
         self.background(self._mark_ready())
         self.background(self._ttl_loop())
+        self.background(self._agents_loop())
         return self
 
     async def __aexit__(
@@ -176,6 +177,12 @@ class Engine:
         while True:
             await asyncio.sleep(period)
             await self.lifecycle.ttl_sweep()
+
+    async def _agents_loop(self) -> None:
+        """Let the hub notice agents going stale (it signals changes; staleness needs a clock tick)."""
+        while True:
+            await asyncio.sleep(self.settings.poll.interval_s)
+            self.agents.refresh()
 
     def _agents_changed(self) -> None:
         if self._fleet is not None:

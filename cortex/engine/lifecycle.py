@@ -396,6 +396,11 @@ class Lifecycle:
         """Enforce the VRAM budget and the pins on a node that just came (back) up."""
         if node.name in self.defragging:
             return
+        await self.enforce_budget(node, "reconcile")
+        await self.load_pins(node)
+
+    async def enforce_budget(self, node: NodeRec, reason: str) -> None:
+        """Unload unpinned, idle, unqueued models (least recently used first) while the node is over budget."""
         fleet = self.fleet
         total, used, _ = fleet.vram(node)
         budget = total - self.settings.eviction.headroom_mb
@@ -416,12 +421,11 @@ class Lifecycle:
                     or fleet.is_pinned(node.name, slot.model_id)
                 ):
                     continue
-                if await self.unload_on(node, slot.model_id, "reconcile") is None:
+                if await self.unload_on(node, slot.model_id, reason) is None:
                     used -= slot.vram_mb or 0
                     with contextlib.suppress(NodeError):
                         await self._fresh_used(node)
                         used = fleet.vram(node)[1]
-        await self.load_pins(node)
 
     async def load_pins(self, node: NodeRec) -> None:
         """Load every model pinned on the node that is not loaded there."""
@@ -522,9 +526,12 @@ class Lifecycle:
                     slot.state is SlotState.LOADED
                     and model not in keep
                     and slot.in_flight == 0
+                    and not fleet.queued.get(model)
                     and not fleet.is_pinned(node.name, model)
                 ):
                     await self.unload_on(node, model, reason)
+            # What requests wait for was kept; if that leaves the node over budget, the rest gives way.
+            await self.enforce_budget(node, reason)
             await self.load_pins(node)
             node.cycles = 0
             ok = result.ok or not result.ran

@@ -760,21 +760,12 @@ async def test_a_failing_restart_command_is_reported(tmp_path: Path) -> None:
     assert not finished[0].ok
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="commands_impl._restart prefixes 'restart of a failed: ' to a hub message that already says it",
-)
 async def test_a_failing_restart_says_so_once(tmp_path: Path) -> None:
     result, _eng, _events = await failing_restart(tmp_path)
 
     assert result.message.count("restart of a") == 1, result.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Lifecycle.defrag trims a model requests are queued for (reconcile and eviction skip those), "
-    "so the queued request evicts again: one more cycle and, with defrag_after_cycles=1, a second restart",
-)
 async def test_defrag_keeps_a_model_requests_wait_for(tmp_path: Path) -> None:
     # In-process and without the agent: the trim is the lifecycle's step, whatever restarted the node.
     sim = SimNode(
