@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -23,8 +22,8 @@ from cortex.config import (
     find_config_file,
     format_validation_error,
     load_settings,
-    parse_listen,
 )
+from cortex.errors import ListenError
 
 __all__ = ["build_parser", "main"]
 
@@ -187,20 +186,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         return asyncio.run(run(settings, headless=headless, read_only=args.read_only, demo=args.demo))
     except KeyboardInterrupt:
         return 130
-    except OSError as exc:
-        key, address = _unbindable(settings, exc)
-        print(f"cortex: {key}: cannot listen on {address}: {exc.strerror or exc}", file=sys.stderr)
+    except ListenError as exc:
+        print(f"cortex: {exc}", file=sys.stderr)
         return 1
-
-
-def _unbindable(settings: Settings, exc: OSError) -> tuple[str, str]:
-    """The config key and address a bind error is about: ``metrics_listen`` when the error names its port."""
-    metrics = settings.gateway.metrics_listen
-    if metrics:
-        port = parse_listen(metrics)[1]
-        if port and port != parse_listen(settings.gateway.listen)[1] and re.search(rf"\b{port}\b", str(exc)):
-            return "gateway.metrics_listen", metrics
-    return "gateway.listen", settings.gateway.listen
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "BadRequest",
     "CortexError",
+    "ListenError",
     "LoadFailed",
     "NoNodeAvailable",
     "PayloadTooLarge",
@@ -77,6 +78,16 @@ class UpstreamError(CortexError):
 
     status = 502
     kind = "server_error"
+
+
+class ListenError(OSError):
+    """A listen address could not be bound; names the config key."""
+
+    def __init__(self, key: str, address: str, reason: str) -> None:
+        super().__init__(f"{key}: cannot listen on {address}: {reason}")
+        self.key = key
+        self.address = address
+        self.reason = reason
 
 
 class BadRequest(CortexError):

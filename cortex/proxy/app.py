@@ -17,7 +17,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from cortex.config import parse_listen
-from cortex.errors import Unauthorized
+from cortex.errors import ListenError, Unauthorized
 from cortex.proxy.admin import add_admin_routes
 from cortex.proxy.anthropic import AnthropicError
 from cortex.proxy.anthropic_handler import add_anthropic_routes, anthropic_error_response, anthropic_models
@@ -84,7 +84,17 @@ def create_app(engine: Engine) -> web.Application:
     if not settings.metrics_listen:
         app.router.add_get("/metrics", make_aiohttp_handler(registry=engine.metrics.registry))
 
+    known = {r.resource.canonical: r.method for r in app.router.routes() if r.resource is not None}
+
     async def not_found(request: web.Request) -> web.StreamResponse:
+        allowed = known.get(request.path)
+        if allowed is not None:
+            return openai_error(
+                405,
+                f"{request.method} is not allowed on {request.path}; use {allowed}",
+                code="method_not_allowed",
+                headers={"Allow": allowed},
+            )
         return openai_error(404, f"no route {request.method} {request.path}", code="not_found")
 
     app.router.add_route("*", "/{tail:.*}", not_found)
@@ -126,8 +136,7 @@ async def serve(engine: Engine) -> AsyncIterator[Servers]:
         await runner.setup()
         runners.append(runner)
         host, port = parse_listen(settings.listen)
-        site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
+        await _start_site(web.TCPSite(runner, host, port, reuse_address=True), "gateway.listen", settings.listen)
         servers.api = _bound(runner, host)
         if settings.metrics_listen:
             mrunner = web.AppRunner(
@@ -136,7 +145,11 @@ async def serve(engine: Engine) -> AsyncIterator[Servers]:
             await mrunner.setup()
             runners.append(mrunner)
             mhost, mport = parse_listen(settings.metrics_listen)
-            await web.TCPSite(mrunner, mhost, mport, reuse_address=True).start()
+            await _start_site(
+                web.TCPSite(mrunner, mhost, mport, reuse_address=True),
+                "gateway.metrics_listen",
+                settings.metrics_listen,
+            )
             servers.metrics = _bound(mrunner, mhost)
         engine.gateway = f"{servers.api[0]}:{servers.api[1]}"
         engine.fleet.gateway = engine.gateway
@@ -145,6 +158,13 @@ async def serve(engine: Engine) -> AsyncIterator[Servers]:
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+
+
+async def _start_site(site: web.TCPSite, key: str, address: str) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ListenError(key, address, exc.strerror or str(exc)) from None
 
 
 def _bound(runner: web.AppRunner, host: str) -> tuple[str, int]:

@@ -261,3 +261,14 @@ async def test_node_error_passes_back_the_request_id(fleet: FleetFactory) -> Non
     assert status == 400
     assert headers.get("x-request-id") == "trace-err"
     assert headers["x-cortex-node"] == "a"
+
+
+async def test_wrong_method_is_405_and_unknown_route_404(fleet: FleetFactory) -> None:
+    f = await one_node(fleet)
+    async with f.http.get(f.url + "/v1/chat/completions") as resp:
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "POST"
+        assert assert_envelope(await resp.json())["code"] == "method_not_allowed"
+    async with f.http.get(f.url + "/v1/nothing-here") as resp:
+        assert resp.status == 404
+        assert assert_envelope(await resp.json())["code"] == "not_found"
