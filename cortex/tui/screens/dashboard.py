@@ -52,7 +52,7 @@ class DashboardScreen(Screen[None]):
         self.read_only = read_only
         self.tz = tz
         self.needle = ""
-        """The filter: a case-insensitive substring of node names and model ids."""
+        """The filter: a case-insensitive substring of node names, model ids and related names."""
         self.sorts = {"nodes": "name", "models": "id"}
         """The sort order of each table, cycled by `s`."""
         self.table_id = "nodes"
