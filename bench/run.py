@@ -49,6 +49,7 @@ from benchlib import (
     free_port,
     http,
     median,
+    quantile,
     raise_nofile,
     sim_argv,
     term_on_sigterm,
@@ -602,10 +603,21 @@ def measure(cfg: dict[str, Any], targets: list[Target], info: dict[str, Any], r:
             ratios[name][key] = a / b if a is not None and b is not None and b > 0 else None
 
     c = summary["cortex"]
-    checks = {}
+    checks: dict[str, dict[str, Any]] = {}
     for key, limit in TARGETS_RATIO.items():
         ratio = ratios["cortex"][key]
         checks[key] = {"ratio": ratio, "limit": limit, "met": ratio is not None and ratio <= limit}
+    # The spread of the CPU ratios: cortex over minimal within each repetition (their blocks ran back to back).
+    for key, phase, item in (
+        ("cpu_us_per_req", "c32", "cpu_us_per_req"),
+        ("cpu_us_per_chunk", "stream", "cpu_us_per_event"),
+    ):
+        pairs = [a[item] / b[item] for a, b in zip(raw["cortex"][phase], raw["minimal"][phase], strict=True)]
+        checks[key]["per_rep_ratio_q1_median_q3"] = [
+            round(quantile(pairs, 0.25), 3),
+            round(median(pairs), 3),
+            round(quantile(pairs, 0.75), 3),
+        ]
     checks["hold_1000"] = {
         "complete": c["hold_complete"],
         "count": cfg["hold_count"],

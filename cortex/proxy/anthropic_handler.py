@@ -166,6 +166,10 @@ async def handle_messages(request: web.Request, engine: Engine, keys: list[bytes
     except ClientGone as gone:
         call.status = 499
         return gone.response
+    except ConnectionResetError:
+        # The client hung up while cortex was answering; aiohttp drops this response quietly.
+        call.status = 499
+        return web.Response(status=499)
     finally:
         engine.record(call.outcome())
 

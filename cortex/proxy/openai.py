@@ -169,6 +169,10 @@ async def handle_openai(request: web.Request, engine: Engine, path: str, keys: l
     except ClientGone as gone:
         call.status = 499
         return gone.response
+    except ConnectionResetError:
+        # The client hung up while cortex was answering; aiohttp drops this response quietly.
+        call.status = 499
+        return web.Response(status=499)
     finally:
         engine.record(call.outcome())
 

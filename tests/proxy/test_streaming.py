@@ -155,3 +155,21 @@ async def test_unknown_model_on_a_stream_is_a_plain_404(fleet: FleetFactory) -> 
         assert resp.status == 404
         assert resp.content_type == "application/json"
         assert (await resp.json())["error"]["param"] == "model"
+
+
+async def test_a_client_hanging_up_during_a_load_logs_no_traceback(
+    fleet: FleetFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    f = await fleet(NodeSpec("a", [SimModel("cold", 1000, loaded=False)], load_s=1.5))
+    body = {"model": "cold", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    caplog.set_level(logging.DEBUG)
+    async with f.http.post(f.url + "/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+        first = await asyncio.wait_for(resp.content.readline(), 5)
+        assert first.startswith(b": loading cold on a")
+    # The connection is closed here, while cortex still waits for the load.
+    await asyncio.sleep(2.0)
+    assert not [r for r in caplog.records if r.exc_info is not None], [r.getMessage() for r in caplog.records]
+    snap = f.engine.snapshot()
+    assert snap.totals.in_flight == 0
+    assert snap.requests[0].status == 499
