@@ -331,8 +331,13 @@ def test_agent_gpu_figures_are_exported_while_fresh() -> None:
 
     def snap(fresh: bool) -> FleetSnapshot:
         node = NodeSnapshot(
-            name="a", endpoint="http://127.0.0.1:1", status=NodeStatus.UP, vram_total_mb=287542,
-            vram_used_mb=9100, vram_source="agent", headroom_mb=0,
+            name="a",
+            endpoint="http://127.0.0.1:1",
+            status=NodeStatus.UP,
+            vram_total_mb=287542,
+            vram_used_mb=9100,
+            vram_source="agent",
+            headroom_mb=0,
             agent=AgentInfo(seen_at=1.0, fresh=fresh, gpus=gpus),
         )
         return FleetSnapshot(taken_at=1.0, started_at=0.0, gateway="x", nodes=(node,))
