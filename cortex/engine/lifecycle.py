@@ -303,7 +303,9 @@ class Lifecycle:
     async def _reload(self, node: NodeRec, model: str) -> str | None:
         """Call reload only when the node says ``unloaded``; follow ``reloading`` by status polls."""
         fleet = self.fleet
-        before = await self._fresh_used(node)
+        # Measuring the footprint needs a fresh figure before the load; a known footprint does not.
+        learn = fleet.footprint(model) is None
+        before = await self._fresh_used(node) if learn else None
         try:
             status = (await node.client.lifecycle("status", model)).status
             if status == "unloaded":
@@ -326,7 +328,7 @@ class Lifecycle:
             return messages.get(status, f"unexpected status {status!r}")
         fleet.set_slot(node, model, SlotState.LOADED)
         after = await self._fresh_used(node)
-        if before is not None and after is not None and after > before:
+        if learn and before is not None and after is not None and after > before:
             fleet.learn_footprint(model, after - before)
         return None
 

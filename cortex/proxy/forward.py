@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ from cortex.proxy.errors import NodeErrorInfo, read_node_error
 if TYPE_CHECKING:
     from cortex.engine.engine import Engine
 
-__all__ = ["Call", "NodeReplyError", "UsageTail", "send", "upstream_headers"]
+__all__ = ["Call", "IdleWatch", "NodeReplyError", "UsageTail", "send", "upstream_headers"]
 
 
 class NodeReplyError(Exception):
@@ -141,6 +142,39 @@ async def send(
                 raise NodeReplyError(info, node.name, request_id)
             raise UpstreamError(failure)
         lease = Lease(engine.fleet, other, call.model, lease.queue_s)
+
+
+class IdleWatch:
+    """A stream's idle timeout with one timer per stream, not one per chunk.
+
+    Arming ``asyncio.timeout`` around every read schedules and cancels a timer per chunk, which was the
+    whole per-chunk gap to a minimal proxy. Here the reader only stores the time of its last chunk in
+    :attr:`last` (``time.monotonic``, the loop's clock); the timer re-arms itself for the remaining time and
+    calls ``on_idle`` (closing the upstream response, which ends the pending read) once the stream has
+    really been silent for ``idle_s``.
+    """
+
+    __slots__ = ("_handle", "_idle", "_loop", "_on_idle", "fired", "last")
+
+    def __init__(self, idle_s: float, on_idle: Callable[[], object]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._idle = idle_s
+        self._on_idle = on_idle
+        self.fired = False
+        self.last = self._loop.time()
+        self._handle = self._loop.call_at(self.last + idle_s, self._check)
+
+    def _check(self) -> None:
+        due = self.last + self._idle
+        if self._loop.time() >= due:
+            self.fired = True
+            self._on_idle()
+        else:
+            self._handle = self._loop.call_at(due, self._check)
+
+    def cancel(self) -> None:
+        """Stop watching (the stream ended)."""
+        self._handle.cancel()
 
 
 class UsageTail:

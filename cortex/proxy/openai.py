@@ -29,7 +29,7 @@ from cortex.proxy.common import (
     resolve_model,
 )
 from cortex.proxy.errors import openai_error, openai_error_for
-from cortex.proxy.forward import Call, NodeReplyError, UsageTail, send, upstream_headers
+from cortex.proxy.forward import Call, IdleWatch, NodeReplyError, UsageTail, send, upstream_headers
 
 if TYPE_CHECKING:
     from cortex.engine.engine import Engine
@@ -265,25 +265,29 @@ async def _pipe(
     idle = engine.settings.gateway.stream_idle_timeout_s
     content = resp.content
     failed: str | None = None
+    watch = IdleWatch(idle, resp.close)
     try:
         while True:
             t0 = time.monotonic()
             try:
-                async with asyncio.timeout(idle):
-                    chunk = await content.readany()
-            except TimeoutError:
-                failed = f"{call.node} sent nothing for {idle:g} s"
-                await response.write(_error_event(failed))
-                call.status = 504
-                break
+                chunk = await content.readany()
             except aiohttp.ClientError as exc:
-                failed = f"{call.node} broke the stream: {exc or type(exc).__name__}"
+                if watch.fired:
+                    failed = f"{call.node} sent nothing for {idle:g} s"
+                    call.status = 504
+                else:
+                    failed = f"{call.node} broke the stream: {exc or type(exc).__name__}"
+                    call.status = 502
                 await response.write(_error_event(failed))
-                call.status = 502
                 break
             now = time.monotonic()
+            watch.last = now
             call.upstream_s += now - t0
             if not chunk:
+                if watch.fired:  # closed by the watch between two reads
+                    failed = f"{call.node} sent nothing for {idle:g} s"
+                    call.status = 504
+                    await response.write(_error_event(failed))
                 break
             if call.first_byte is None:
                 call.first_byte = now
@@ -301,6 +305,7 @@ async def _pipe(
         resp.close()
         raise
     finally:
+        watch.cancel()
         resp.release()
         lease.release(failed=failed)
         call.usage = tail.usage()
