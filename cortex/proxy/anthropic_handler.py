@@ -48,7 +48,7 @@ from cortex.proxy.common import (
     cortex_headers,
     read_json,
 )
-from cortex.proxy.forward import Call, NodeReplyError, send, upstream_headers
+from cortex.proxy.forward import Call, NodeReplyError, read_body, send, upstream_headers
 
 if TYPE_CHECKING:
     from cortex.engine.engine import Engine
@@ -178,20 +178,7 @@ async def _unary(
     engine: Engine, call: Call, name: str, req: OpenAIRequest, body: bytes, headers: dict[str, str]
 ) -> web.Response:
     lease, resp = await send(engine, call, "/v1/chat/completions", body, headers)
-    failed: str | None = None
-    try:
-        t0 = time.monotonic()
-        try:
-            async with asyncio.timeout(engine.settings.gateway.stream_idle_timeout_s):
-                raw = await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            failed = f"{call.node}: reading the answer failed: {exc or type(exc).__name__}"
-            raise AnthropicError(502, "api_error", failed, should_retry=True) from None
-        finally:
-            call.upstream_s += time.monotonic() - t0
-    finally:
-        resp.release()
-        lease.release(failed=failed)
+    raw = await read_body(engine, call, lease, resp)
     call.first_byte = time.monotonic()
     try:
         parsed = orjson.loads(raw)

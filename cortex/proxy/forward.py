@@ -26,7 +26,7 @@ from cortex.proxy.errors import NodeErrorInfo, read_node_error
 if TYPE_CHECKING:
     from cortex.engine.engine import Engine
 
-__all__ = ["Call", "IdleWatch", "NodeReplyError", "UsageTail", "send", "upstream_headers"]
+__all__ = ["Call", "IdleWatch", "NodeReplyError", "UsageTail", "read_body", "send", "upstream_headers"]
 
 
 class NodeReplyError(Exception):
@@ -142,6 +142,32 @@ async def send(
                 raise NodeReplyError(info, node.name, request_id)
             raise UpstreamError(failure)
         lease = Lease(engine.fleet, other, call.model, lease.queue_s)
+
+
+async def read_body(engine: Engine, call: Call, lease: Lease, resp: aiohttp.ClientResponse) -> bytes:
+    """Read a whole (non-streaming) answer; the response and the lease are released either way.
+
+    Raises:
+        UpstreamError: the node went silent for ``stream_idle_timeout_s`` or broke the connection.
+    """
+    idle = engine.settings.gateway.stream_idle_timeout_s
+    watch = IdleWatch(idle, resp.close)
+    failed: str | None = None
+    t0 = time.monotonic()
+    try:
+        return await resp.read()
+    except aiohttp.ClientError as exc:
+        failed = (
+            f"{call.node} sent nothing for {idle:g} s"
+            if watch.fired
+            else f"{call.node}: reading the answer failed: {exc or type(exc).__name__}"
+        )
+        raise UpstreamError(failed) from None
+    finally:
+        watch.cancel()
+        call.upstream_s += time.monotonic() - t0
+        resp.release()
+        lease.release(failed=failed)
 
 
 class IdleWatch:

@@ -29,7 +29,7 @@ from cortex.proxy.common import (
     resolve_model,
 )
 from cortex.proxy.errors import openai_error, openai_error_for
-from cortex.proxy.forward import Call, IdleWatch, NodeReplyError, UsageTail, send, upstream_headers
+from cortex.proxy.forward import Call, IdleWatch, NodeReplyError, UsageTail, read_body, send, upstream_headers
 
 if TYPE_CHECKING:
     from cortex.engine.engine import Engine
@@ -179,20 +179,7 @@ async def handle_openai(request: web.Request, engine: Engine, path: str, keys: l
 
 async def _unary(engine: Engine, call: Call, path: str, raw: bytes, headers: dict[str, str]) -> web.Response:
     lease, resp = await send(engine, call, path, raw, headers)
-    failed: str | None = None
-    try:
-        t0 = time.monotonic()
-        try:
-            async with asyncio.timeout(engine.settings.gateway.stream_idle_timeout_s):
-                body = await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            failed = f"{call.node}: reading the answer failed: {exc or type(exc).__name__}"
-            raise CortexError(failed) from None
-        finally:
-            call.upstream_s += time.monotonic() - t0
-    finally:
-        resp.release()
-        lease.release(failed=failed)
+    body = await read_body(engine, call, lease, resp)
     call.first_byte = time.monotonic()
     call.status = resp.status
     try:
