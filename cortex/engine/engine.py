@@ -258,6 +258,10 @@ class Engine:
             self.bus.publish(RequestCompleted(record))
         self.lifecycle.changed()
 
+    def record_soon(self, outcome: RequestOutcome) -> None:
+        """Like :meth:`record`, once the response has been handed to the socket (off the latency path)."""
+        asyncio.get_running_loop().call_soon(self.record, outcome)
+
     def node_status_changed(self, node: NodeRec, old: str) -> None:
         """Publish a node status change made by a command."""
         new = node.status.value

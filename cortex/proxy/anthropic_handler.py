@@ -171,7 +171,7 @@ async def handle_messages(request: web.Request, engine: Engine, keys: list[bytes
         call.status = 499
         return web.Response(status=499)
     finally:
-        engine.record(call.outcome())
+        engine.record_soon(call.outcome())
 
 
 async def _unary(

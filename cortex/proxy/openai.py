@@ -174,7 +174,7 @@ async def handle_openai(request: web.Request, engine: Engine, path: str, keys: l
         call.status = 499
         return web.Response(status=499)
     finally:
-        engine.record(call.outcome())
+        engine.record_soon(call.outcome())
 
 
 async def _unary(engine: Engine, call: Call, path: str, raw: bytes, headers: dict[str, str]) -> web.Response:
