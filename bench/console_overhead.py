@@ -1,6 +1,7 @@
 """What the console costs the proxy: cortex with the Textual console drawn in a pseudo-terminal vs ``--no-tui``.
 
-    python bench/console_overhead.py [--quick] [--out bench/results/console.json] [--keep-logs] [--nice N]
+    python bench/console_overhead.py [--quick] [--out bench/results/console.json] [--rounds N] [--keep-logs]
+                                     [--nice N] [--no-wait] [--cortex-src DIR] [--refresh-hz HZ]
 
 Issue 6 point 4: with the console running, the ``bench/`` throughput must stay at or above 90 % of
 ``--no-tui``. One simulated node (``python -m cortex.sim``, ``bench-fast``, no token delay) serves both
@@ -124,7 +125,7 @@ class PtyReader(threading.Thread):
 class PtyCortex:
     """``python -m cortex`` with a pseudo-terminal as its stdin/stdout/stderr and controlling terminal."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], log_dir: Path, cwd: Path = ROOT) -> None:
         self.master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLS, 0, 0))
         self.reader = PtyReader(self.master, b"cortex")
@@ -138,7 +139,7 @@ class PtyCortex:
                 stderr=slave,
                 start_new_session=True,  # setsid() runs before preexec_fn: the pty can become its terminal
                 preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
-                cwd=ROOT,
+                cwd=cwd,
                 env=env,
             )
         finally:
@@ -217,16 +218,22 @@ def one_start(
 ) -> dict[str, Any]:
     cport, mport = free_port(), free_port()
     conf = tmp / f"cortex-{n}.toml"
-    cortex_config(conf, port=cport, metrics_port=mport, nodes=[("sim-fast", sim_port, [MODEL])])
+    extra = f"[tui]\nrefresh_hz = {cfg['refresh_hz']:g}" if cfg.get("refresh_hz") else ""
+    cortex_config(conf, port=cport, metrics_port=mport, nodes=[("sim-fast", sim_port, [MODEL])], extra=extra)
+    src: Path | None = cfg.get("cortex_src")
+    cwd = ROOT if src is None else src
+    if src is not None:
+        env = env | {"PYTHONPATH": str(src)}
     base = f"http://127.0.0.1:{cport}"
     argv = [PY, "-m", "cortex", "--config", str(conf)]
     proc: Any
     t0 = time.monotonic()
     with Procs(tmp) as procs:
         if mode == "no-tui":
-            proc = procs.start(f"cortex-{n}", [*argv[:3], "--no-tui", *argv[3:]], env)
+            proc = procs.start(f"cortex-{n}", [*argv[:3], "--no-tui", *argv[3:]], env, cwd)
         else:
-            proc = PtyCortex(argv, env | {"TERM": "xterm-256color", "COLUMNS": str(COLS), "LINES": str(ROWS)}, tmp)
+            tty_env = env | {"TERM": "xterm-256color", "COLUMNS": str(COLS), "LINES": str(ROWS)}
+            proc = PtyCortex(argv, tty_env, tmp, cwd)
         try:
             wait_for(lambda: cortex_models_state(base).get(MODEL) == "loaded", 60, f"cortex ({mode}) ready", proc)
             ready_s = time.monotonic() - t0
@@ -446,10 +453,16 @@ def main() -> int:
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with every process's log")
     parser.add_argument("--nice", type=int, default=-10, help="priority change, as bench/run.py (default -10)")
     parser.add_argument("--no-wait", action="store_true", help="do not wait for a running bench/run.py")
+    parser.add_argument("--cortex-src", type=Path, help="run cortex from this copy of the source tree (A/B a change)")
+    parser.add_argument("--refresh-hz", type=float, help="the console's tui.refresh_hz (default: cortex's, 4)")
     args = parser.parse_args()
     cfg: dict[str, Any] = dict(QUICK if args.quick else FULL)
     if args.rounds:
         cfg["rounds"] = args.rounds
+    if args.cortex_src is not None:
+        cfg["cortex_src"] = args.cortex_src.resolve()
+    if args.refresh_hz:
+        cfg["refresh_hz"] = args.refresh_hz
     term_on_sigterm()
     nofile = raise_nofile()
     niceness = os.nice(0)
@@ -508,7 +521,7 @@ def main() -> int:
         "waited_for_other_bench_s": waited,
         "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
         "quick": args.quick,
-        "config": cfg,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()},
         "pty": f"{COLS}x{ROWS} TERM=xterm-256color",
         "wall_s": time.monotonic() - started,
     }

@@ -46,6 +46,7 @@ from cortex.proxy.common import (
     acquire_streaming,
     check_api_key,
     cortex_headers,
+    counted,
     read_json,
 )
 from cortex.proxy.forward import Call, NodeReplyError, read_body, send, upstream_headers
@@ -134,6 +135,10 @@ def _model_of(engine: Engine, data: dict[str, Any]) -> tuple[str, str]:
 async def handle_messages(request: web.Request, engine: Engine, keys: list[bytes]) -> web.StreamResponse:
     """Serve ``POST /v1/messages`` (streaming or not), and count it."""
     call = Call(api="anthropic", started=time.monotonic())
+    return await counted(engine, call, _messages(request, engine, call, keys))
+
+
+async def _messages(request: web.Request, engine: Engine, call: Call, keys: list[bytes]) -> web.StreamResponse:
     estimate = 1
     try:
         check_api_key(request, keys)
@@ -163,15 +168,6 @@ async def handle_messages(request: web.Request, engine: Engine, keys: list[bytes
         mapped = _from_node(exc, estimate)
         call.status = mapped.status
         return _respond(mapped, cortex_headers(call))
-    except ClientGone as gone:
-        call.status = 499
-        return gone.response
-    except ConnectionResetError:
-        # The client hung up while cortex was answering; aiohttp drops this response quietly.
-        call.status = 499
-        return web.Response(status=499)
-    finally:
-        engine.record_soon(call.outcome())
 
 
 async def _unary(

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import hmac
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -30,6 +30,7 @@ __all__ = [
     "acquire_streaming",
     "check_api_key",
     "cortex_headers",
+    "counted",
     "read_json",
     "resolve_model",
 ]
@@ -171,6 +172,21 @@ async def acquire_streaming(
         if response is not None:
             raise WaitFailed(exc, response) from None
         raise
+
+
+async def counted(engine: Engine, call: Call, handling: Coroutine[Any, Any, web.StreamResponse]) -> web.StreamResponse:
+    """Await a handler's work; count the call once answered; let a client's hang-up pass quietly."""
+    try:
+        return await handling
+    except ClientGone as gone:
+        call.status = 499
+        return gone.response
+    except ConnectionResetError:
+        # The client hung up while cortex was answering; aiohttp drops this response quietly.
+        call.status = 499
+        return web.Response(status=499)
+    finally:
+        engine.record_soon(call.outcome())
 
 
 class ClientGone(Exception):

@@ -25,6 +25,7 @@ from cortex.proxy.common import (
     acquire_streaming,
     check_api_key,
     cortex_headers,
+    counted,
     read_json,
     resolve_model,
 )
@@ -146,6 +147,10 @@ def models_payload(engine: Engine) -> dict[str, Any]:
 async def handle_openai(request: web.Request, engine: Engine, path: str, keys: list[bytes]) -> web.StreamResponse:
     """Serve one OpenAI-dialect inference request, and count it."""
     call = Call(api="openai", started=time.monotonic())
+    return await counted(engine, call, _openai(request, engine, call, path, keys))
+
+
+async def _openai(request: web.Request, engine: Engine, call: Call, path: str, keys: list[bytes]) -> web.StreamResponse:
     try:
         check_api_key(request, keys)
         raw, data = await read_json(request, engine.settings.gateway.max_body_mb)
@@ -166,15 +171,6 @@ async def handle_openai(request: web.Request, engine: Engine, path: str, keys: l
         call.status = exc.info.status
         headers = cortex_headers(call, exc.request_id)
         return openai_error(exc.info.status, exc.info.message, exc.info.kind, headers=headers)
-    except ClientGone as gone:
-        call.status = 499
-        return gone.response
-    except ConnectionResetError:
-        # The client hung up while cortex was answering; aiohttp drops this response quietly.
-        call.status = 499
-        return web.Response(status=499)
-    finally:
-        engine.record_soon(call.outcome())
 
 
 async def _unary(engine: Engine, call: Call, path: str, raw: bytes, headers: dict[str, str]) -> web.Response:
