@@ -81,8 +81,9 @@ FULL = {
     "stream_n": 400,  # streams per start (0: none)
     "stream_conc": 16,
     "stream_tokens": 32,
+    "budget_s": 225,  # no new round once the next one would end past this (after any wait for bench/run.py)
 }
-QUICK = FULL | {"rounds": 2, "req_n": 1500, "req_warm": 300, "idle_s": 1.0, "stream_n": 0}
+QUICK = FULL | {"rounds": 2, "req_n": 1500, "req_warm": 300, "idle_s": 1.0, "stream_n": 0, "budget_s": 50}
 MODES = ("no-tui", "console")
 
 
@@ -201,7 +202,7 @@ def machine_busy() -> tuple[float, float]:
     return total - idle, total
 
 
-def run_loadgen(job: dict[str, Any], tmp: Path, n: int, timeout: float = 120.0) -> list[dict[str, Any]]:
+def run_loadgen(job: dict[str, Any], tmp: Path, n: int, timeout: float = 60.0) -> list[dict[str, Any]]:
     path = tmp / f"job{n}.json"
     path.write_text(json.dumps(job))
     proc = subprocess.run(
@@ -489,7 +490,12 @@ def main() -> int:
             sim = procs.start("sim", sim_argv(sim_port, "sim-fast", models=[f"{MODEL}=4096"], tok_s=0.0), env)
             wait_for(lambda: http("GET", f"http://127.0.0.1:{sim_port}/health", timeout=1)[0] == 200, 30, "sim", sim)
             n = 0
+            t_rounds, round_s = time.monotonic(), 0.0
             for rnd in range(cfg["rounds"]):
+                if rnd and time.monotonic() - t_rounds + round_s > cfg["budget_s"]:
+                    log(f"time budget ({cfg['budget_s']} s) spent: stopping after {rnd} rounds")
+                    break
+                r0 = time.monotonic()
                 order = MODES if rnd % 2 == 0 else MODES[::-1]
                 log(f"round {rnd + 1}/{cfg['rounds']}")
                 for mode in order:
@@ -497,6 +503,7 @@ def main() -> int:
                     start = one_start(mode, cfg, tmp, sim_port, env, n, log)
                     start["round"] = rnd
                     starts.append(start)
+                round_s = max(round_s, time.monotonic() - r0)
     except Exception as exc:  # a report: say what went wrong, keep what was measured
         error = f"{type(exc).__name__}: {exc}"
         log(f"ERROR {error}")
