@@ -44,6 +44,14 @@ BLOCKED_BY_DIALOGS = FLEET_ACTIONS | DASHBOARD_ACTIONS | {"quit", "help"}
 """Actions that do nothing while a dialog is open (no dialog stacks on a dialog)."""
 
 
+BUSY_REQ_S = 20.0
+"""Above this many requests per second (over the metrics window) the gateway counts as busy."""
+BUSY_IN_FLIGHT = 32
+"""...or with this many requests in flight."""
+BUSY_REFRESH_HZ = 1.0
+"""The console's redraw rate while the gateway is busy (``tui.refresh_hz`` otherwise)."""
+
+
 class CortexApp(App[int]):
     """The live fleet console. ``await CortexApp(...).run_async()`` returns the exit code (0)."""
 
@@ -91,6 +99,7 @@ class CortexApp(App[int]):
         self.gateway_url = gateway_url
         self.read_only = read_only
         self.clock = clock
+        self._last_tick = float("-inf")
         self.dashboard = DashboardScreen(address=gateway_url, read_only=read_only, tz=tz)
         self._commands: dict[Worker[Any], Command] = {}
         self._theme_problems: list[str] = []
@@ -130,8 +139,19 @@ class CortexApp(App[int]):
         if self._theme_problems:
             self.notify("\n".join(self._theme_problems), title="themes", severity="error", markup=False)
         self.refresh_views()
-        self.set_interval(1 / self.settings.tui.refresh_hz, self.refresh_views)
+        self.set_interval(1 / self.settings.tui.refresh_hz, self._tick)
         self._watch_engine()
+
+    def _tick(self) -> None:
+        # The console shares the loop (and the core) with the proxy. When the gateway is busy, drawing at
+        # refresh_hz would take CPU from the requests it shows, so it draws at most BUSY_REFRESH_HZ then.
+        snap = self.engine.snapshot()
+        busy = snap.totals.req_s >= BUSY_REQ_S or snap.totals.in_flight >= BUSY_IN_FLIGHT
+        now = time.monotonic()
+        if busy and now - self._last_tick < 1 / min(BUSY_REFRESH_HZ, self.settings.tui.refresh_hz) - 0.01:
+            return
+        self._last_tick = now
+        self.refresh_views()
 
     def refresh_views(self) -> None:
         """Hand the current snapshot to every screen that shows the fleet."""
@@ -145,7 +165,10 @@ class CortexApp(App[int]):
         stream = self.engine.subscribe()
         try:
             async for event in stream:
-                self.post_message(EngineEventReceived(event))
+                # Request events come at the proxy's rate; the request log reads them from the snapshot
+                # at refresh_hz instead, so posting one message per request would be pure cost.
+                if not event.coalesce:
+                    self.post_message(EngineEventReceived(event))
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:

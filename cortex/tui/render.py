@@ -293,15 +293,17 @@ def request_cells(rec: RequestRecord, tz: dt.tzinfo | None) -> tuple[Cell, ...]:
 
 
 def request_rows(requests: Sequence[RequestRecord], tz: dt.tzinfo | None, *, needle: str = "") -> list[Row]:
-    """The request log, newest first, bounded, filtered by model or node like the tables."""
+    """The request log, newest first, bounded, filtered by model or node like the tables.
+
+    Rows are keyed by position, not by request: a new request shifts every row down, and rewriting the
+    cells of a fixed set of rows costs the table a repaint, where removing and adding rows costs it a
+    whole-screen layout each time.
+    """
     needle = needle.lower()
     rows: list[Row] = []
-    seen: dict[str, int] = {}
     for rec in requests:
         if _matches(needle, (rec.model, rec.node)):
-            key = f"{rec.ts!r}|{rec.api}|{rec.model}|{rec.node}|{rec.status}|{rec.latency_s!r}"
-            seen[key] = repeat = seen.get(key, 0) + 1
-            rows.append((key if repeat == 1 else f"{key}#{repeat}", request_cells(rec, tz)))
+            rows.append((f"r{len(rows)}", request_cells(rec, tz)))
             if len(rows) >= REQUEST_LOG_LIMIT:
                 break
     return rows

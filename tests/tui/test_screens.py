@@ -184,5 +184,8 @@ async def test_a_quiet_tick_touches_no_cell(monkeypatch: pytest.MonkeyPatch, eng
         engine.fleet = replace(engine.fleet, models=tuple(models), requests=requests)
         app.refresh_views()
         assert updates == [("models", "in_flight")]
+        assert adds == []  # the request log moves at most once a second
+        app.clock = lambda: NOW + 1.0
+        app.refresh_views()
         assert adds == ["requests"]
         assert app.dashboard.requests.cell_text(0, "time") == "00:00:00"

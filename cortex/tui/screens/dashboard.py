@@ -41,6 +41,10 @@ from cortex.tui.widgets.spark import SparkPanel
 __all__ = ["DashboardScreen"]
 
 
+REQUEST_LOG_PERIOD_S = 1.0
+"""The request log is redrawn at most this often (the tables and the header follow ``tui.refresh_hz``)."""
+
+
 class DashboardScreen(Screen[None]):
     """The console's main screen."""
 
@@ -62,6 +66,7 @@ class DashboardScreen(Screen[None]):
         self._drawn_snap: FleetSnapshot | None = None
         self._drawn_view: tuple[object, ...] = ()
         self._drawn_requests: tuple[tuple[RequestRecord, ...], str] | None = None
+        self._requests_drawn_at = float("-inf")
         # The widgets exist from the start, so a redraw never has to look them up (or find them gone).
         self.header = FleetHeader(id="header")
         self.tables = {
@@ -111,8 +116,12 @@ class DashboardScreen(Screen[None]):
             self.tables["nodes"].sync(node_rows(snap, now, needle=needle, sort=self.sorts["nodes"]))
             self.tables["models"].sync(model_rows(snap, now, needle=needle, sort=self.sorts["models"]))
         drawn = self._drawn_requests
-        if drawn is None or drawn[0] is not snap.requests or drawn[1] != needle:
+        # Under load every redraw would bring a page of new log rows, and rendering table rows is the
+        # console's main cost: the log moves at most once a second (a filter change shows at once).
+        log_due = drawn is None or drawn[1] != needle or now - self._requests_drawn_at >= REQUEST_LOG_PERIOD_S
+        if log_due and (drawn is None or drawn[0] is not snap.requests or drawn[1] != needle):
             self._drawn_requests = (snap.requests, needle)
+            self._requests_drawn_at = now
             self.requests.sync(request_rows(snap.requests, self.tz, needle=needle))
         self._show_sparks()
 

@@ -130,6 +130,14 @@ class FleetTable(DataTable[ToneText]):
         selected = self.selected_key
         old = dict(self._rows)
         wanted = [key for key, _ in rows]
+        if len(old.keys() - set(wanted)) * 2 > max(len(old), 1):
+            # Mostly new rows (a busy request log): one rebuild costs less than a remove and an add each.
+            self.clear()
+            for key, cells in rows:
+                self.add_row(*self._cells(key, cells), key=key)
+            self._rows = list(rows)
+            self._restore(selected, old, wanted)
+            return
         for key in old.keys() - set(wanted):
             self.remove_row(key)
         for key, cells in rows:
@@ -144,6 +152,10 @@ class FleetTable(DataTable[ToneText]):
         if [row.key.value for row in self.ordered_rows] != wanted:
             order = {key: index for index, key in enumerate(wanted)}
             self.sort(self._specs[0].key, key=lambda cell: order[cell.row_key])
+        self._restore(selected, old, wanted)
+
+    def _restore(self, selected: str | None, old: dict[str, tuple[Cell, ...]], wanted: list[str]) -> None:
+        """Keep the cursor on the row it was on, wherever that row went."""
         if selected is not None and selected in old and selected in wanted and self.show_cursor:
             index = wanted.index(selected)
             if index != self.cursor_row:

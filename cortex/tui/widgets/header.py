@@ -26,4 +26,4 @@ class FleetHeader(Static):
         """Display a header line if it differs from the one shown."""
         if line != self._line:
             self._line = line
-            self.update(tone_content([line]))
+            self.update(tone_content([line]), layout=False)  # fixed size: a repaint is enough

@@ -47,7 +47,7 @@ class SparkPanel(Horizontal):
             self._paint()
 
     def _paint(self) -> None:
-        self.query_one(Static).update(tone_content(self._caption))
+        self.query_one(Static).update(tone_content(self._caption), layout=False)  # fixed size
         spark = self.query_one(Sparkline)
         if spark.data != list(self._series):
             spark.data = list(self._series)
