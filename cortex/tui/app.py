@@ -45,7 +45,7 @@ BLOCKED_BY_DIALOGS = FLEET_ACTIONS | DASHBOARD_ACTIONS | {"quit", "help"}
 
 
 BUSY_REQ_S = 20.0
-"""Above this many requests per second (over the metrics window) the gateway counts as busy."""
+"""Above this many requests per second (since the last tick) the gateway counts as busy."""
 BUSY_IN_FLIGHT = 32
 """...or with this many requests in flight."""
 BUSY_REFRESH_HZ = 1.0
@@ -100,6 +100,9 @@ class CortexApp(App[int]):
         self.read_only = read_only
         self.clock = clock
         self._last_tick = float("-inf")
+        self._last_seen = time.monotonic()
+        self._last_requests = 0
+        self._busy = False
         self.dashboard = DashboardScreen(address=gateway_url, read_only=read_only, tz=tz)
         self._commands: dict[Worker[Any], Command] = {}
         self._theme_problems: list[str] = []
@@ -145,10 +148,16 @@ class CortexApp(App[int]):
     def _tick(self) -> None:
         # The console shares the loop (and the core) with the proxy. When the gateway is busy, drawing at
         # refresh_hz would take CPU from the requests it shows, so it draws at most BUSY_REFRESH_HZ then.
-        snap = self.engine.snapshot()
-        busy = snap.totals.req_s >= BUSY_REQ_S or snap.totals.in_flight >= BUSY_IN_FLIGHT
         now = time.monotonic()
-        if busy and now - self._last_tick < 1 / min(BUSY_REFRESH_HZ, self.settings.tui.refresh_hz) - 0.01:
+        busy_period = 1 / min(BUSY_REFRESH_HZ, self.settings.tui.refresh_hz) - 0.01
+        if self._busy and now - self._last_tick < busy_period:
+            return  # not even a snapshot: under load, building one costs as much as drawing it
+        snap = self.engine.snapshot()
+        # The rate since the last look reacts at once; the snapshot's own req/s is a 60 s average.
+        rate = (snap.totals.requests - self._last_requests) / max(now - self._last_seen, 1e-3)
+        self._last_requests, self._last_seen = snap.totals.requests, now
+        self._busy = rate >= BUSY_REQ_S or snap.totals.in_flight >= BUSY_IN_FLIGHT
+        if self._busy and now - self._last_tick < busy_period:
             return
         self._last_tick = now
         self.refresh_views()

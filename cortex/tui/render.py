@@ -61,7 +61,7 @@ STATUS_TONE: dict[NodeStatus, str] = {
     NodeStatus.UNKNOWN: "muted",
 }
 STATE_TONE = {"loaded": "success", "loading": "warning", "unloaded": "muted"}
-REQUEST_LOG_LIMIT = 100
+REQUEST_LOG_LIMIT = 30
 """Rows the request log shows at most (the engine bounds its own list too)."""
 
 
