@@ -65,8 +65,12 @@ class Engine:
 
     async def __aenter__(self) -> Engine:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        # No cookie jar: nodes set no cookies cortex should keep, and filtering a jar costs every request.
         self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None)
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         timeout = self.settings.poll.timeout_s
         clients = {n.name: MistralRsClient(self._session, n.endpoint, timeout_s=timeout) for n in self.settings.nodes}
