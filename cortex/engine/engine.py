@@ -202,9 +202,9 @@ class Engine:
         """The current fleet (immutable)."""
         return self.fleet.snapshot()
 
-    def subscribe(self) -> AsyncIterator[Event]:
-        """Engine events as they happen."""
-        return self.bus.subscribe()
+    def subscribe(self, *, requests: bool = True) -> AsyncIterator[Event]:
+        """Engine events as they happen (``requests=False``: without the per-request ones)."""
+        return self.bus.subscribe(requests=requests)
 
     async def submit(self, command: cmd.Command) -> cmd.CommandResult:
         """Carry out a command; never raises for a command that cannot be done."""

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -162,15 +162,17 @@ class EventBus:
     def __init__(self, maxsize: int = 1000) -> None:
         self._maxsize = maxsize
         self._queues: set[asyncio.Queue[Event]] = set()
+        self._all: set[asyncio.Queue[Event]] = set()
+        """The queues that also want coalescible (per-request) events."""
 
     @property
     def subscribers(self) -> int:
-        """How many subscribers are attached."""
-        return len(self._queues)
+        """How many subscribers want every event, per-request ones included."""
+        return len(self._all)
 
     def publish(self, event: Event) -> None:
         """Hand an event to every subscriber without waiting; full queues drop coalescible events."""
-        for queue in self._queues:
+        for queue in self._all if event.coalesce else self._queues:
             if queue.full():
                 if event.coalesce:
                     continue
@@ -178,12 +180,20 @@ class EventBus:
                     queue.get_nowait()
             queue.put_nowait(event)
 
-    async def subscribe(self) -> AsyncIterator[Event]:
-        """Yield events as they are published, until the consumer stops iterating."""
+    async def subscribe(self, *, requests: bool = True) -> AsyncGenerator[Event, None]:
+        """Yield events as they are published, until the consumer stops iterating.
+
+        Args:
+            requests: also deliver the per-request events (``RequestCompleted``); a reader that takes the
+                request log from snapshots says False and costs the proxy nothing per request.
+        """
         queue: asyncio.Queue[Event] = asyncio.Queue(self._maxsize)
         self._queues.add(queue)
+        if requests:
+            self._all.add(queue)
         try:
             while True:
                 yield await queue.get()
         finally:
             self._queues.discard(queue)
+            self._all.discard(queue)

@@ -24,8 +24,12 @@ class EngineFacade(Protocol):
         """The current fleet (immutable; cheap to call at any rate)."""
         ...
 
-    def subscribe(self) -> AsyncIterator[Event]:
-        """Events as they happen; a slow reader loses request events, never lifecycle ones."""
+    def subscribe(self, *, requests: bool = True) -> AsyncIterator[Event]:
+        """Events as they happen; a slow reader loses request events, never lifecycle ones.
+
+        ``requests=False`` leaves out the per-request events (the console reads the request log from the
+        snapshot, and must not cost the proxy a wake-up per request).
+        """
         ...
 
     async def submit(self, command: Command) -> CommandResult:

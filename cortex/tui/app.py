@@ -171,7 +171,7 @@ class CortexApp(App[int]):
 
     @work(exclusive=True, group="engine-events", exit_on_error=False, description="Watching engine events")
     async def _watch_engine(self) -> None:
-        stream = self.engine.subscribe()
+        stream = self.engine.subscribe(requests=False)
         try:
             async for event in stream:
                 # Request events come at the proxy's rate; the request log reads them from the snapshot

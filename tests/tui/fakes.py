@@ -216,12 +216,14 @@ class FakeEngine:
         """When set, submit() raises it."""
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.subscribed = 0
+        self.wants_requests: bool | None = None
 
     def snapshot(self) -> FleetSnapshot:
         return self.fleet
 
-    async def subscribe(self) -> AsyncIterator[Event]:
+    async def subscribe(self, *, requests: bool = True) -> AsyncIterator[Event]:
         self.subscribed += 1
+        self.wants_requests = requests
         while True:
             yield await self.events.get()
 

@@ -32,6 +32,7 @@ async def test_dashboard_shows_the_fleet(engine: FakeEngine) -> None:
         assert "up 1h02m" in header
         assert "3 errors" in header
         assert engine.subscribed == 1
+        assert engine.wants_requests is False  # the request log comes from snapshots, not one event each
 
 
 async def test_help_lists_every_key_and_closes(messages: Messages) -> None:
