@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -99,7 +100,13 @@ class DemoFleet:
                         ),
                     )
             eviction = settings.eviction.model_copy(update={"min_resident_s": 10.0, "defrag_after_cycles": 25})
-            yield settings.model_copy(update={"nodes": nodes, "models": list(facts.values()), "eviction": eviction})
+            gateway = settings.gateway
+            if "CORTEX_GATEWAY__LISTEN" not in os.environ and gateway.listen == "0.0.0.0:8000":
+                # A demo is for this machine: loopback unless the user asked for more.
+                gateway = gateway.model_copy(update={"listen": "127.0.0.1:8000", "metrics_listen": "127.0.0.1:9100"})
+            yield settings.model_copy(
+                update={"nodes": nodes, "models": list(facts.values()), "eviction": eviction, "gateway": gateway}
+            )
         finally:
             for sim in sims:
                 await sim.stop()
