@@ -28,7 +28,7 @@ from cortex.engine.fleet import Fleet, NodeRec, StateStore
 from cortex.engine.lifecycle import Lease, Lifecycle, RestartResult
 from cortex.engine.metrics import CortexMetrics, RequestOutcome
 from cortex.engine.mistralrs import MistralRsClient, NodeError
-from cortex.engine.state import FleetSnapshot, SlotState
+from cortex.engine.state import FleetSnapshot
 
 __all__ = ["Engine"]
 
@@ -120,8 +120,8 @@ class Engine:
         return task
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Like :meth:`spawn`, for tasks nobody awaits."""
-        self._tasks.add(self.spawn(coro))
+        """Like :meth:`spawn`, for tasks nobody awaits (the engine's task set keeps them)."""
+        _ = self.spawn(coro)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -275,13 +275,3 @@ class Engine:
     def pin_changed(self, model: str, node: str, pinned: bool) -> None:
         """Publish a pin change made by a command."""
         self.bus.publish(ModelPinChanged(model, node, pinned))
-
-    def is_loaded_anywhere(self, model: str) -> bool:
-        """Whether the model is loaded on some node (any status)."""
-        return any(
-            (s := n.slots.get(model)) is not None and s.state is SlotState.LOADED for n in self.fleet.nodes.values()
-        )
-
-    def describe(self) -> dict[str, Any]:
-        """A short summary for logs."""
-        return {"nodes": [n.name for n in self.settings.nodes], "gateway": self.gateway}
