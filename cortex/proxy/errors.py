@@ -9,23 +9,15 @@ client's mistake is a 400 it will not retry and a real node failure stays a 5xx.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from cortex.errors import CortexError
+from cortex.proxy.faults import is_client_fault
 
-__all__ = ["NodeErrorInfo", "is_client_fault", "openai_error", "openai_error_for", "read_node_error"]
-
-_CLIENT_FAULT = re.compile(
-    r"max_tokens|max_completion_tokens|must be|invalid|deserializ|missing field|unknown variant|"
-    r"expected|not supported|cannot be|out of range|Requested model|Prompt sequence length|"
-    r"greater than|too long|grammar|response_format|logit_bias|dimensions",
-    re.IGNORECASE,
-)
-_SERVER_FAULT = re.compile(r"being reloaded|failed to reload|poisoned|No response received|CUDA|out of memory", re.I)
+__all__ = ["NodeErrorInfo", "openai_error", "openai_error_for", "read_node_error"]
 
 
 def openai_error(
@@ -64,11 +56,6 @@ class NodeErrorInfo:
     """OpenAI error type."""
     message: str
     node_status: int
-
-
-def is_client_fault(message: str) -> bool:
-    """Whether a node's error message describes a mistake in the request."""
-    return bool(_CLIENT_FAULT.search(message)) and not _SERVER_FAULT.search(message)
 
 
 def _message_of(body: bytes) -> str:

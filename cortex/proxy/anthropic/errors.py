@@ -19,6 +19,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from cortex.proxy.faults import CONTEXT_OVERFLOW, MODEL_UNAVAILABLE, is_client_fault
+
 __all__ = [
     "AnthropicError",
     "classify_upstream_error",
@@ -48,11 +50,6 @@ _TYPE_BY_STATUS: dict[int, str] = {
     529: "overloaded_error",
 }
 
-_CONTEXT_OVERFLOW = re.compile(
-    r"context length|context window|maximum context|sequence length is greater than"
-    r"|too many tokens|prompt is too long|exceeds the model's max",
-    re.IGNORECASE,
-)
 _MAX_PATTERNS = (
     re.compile(r"greater than (\d+)", re.IGNORECASE),
     re.compile(r"maximum context length is (\d+)", re.IGNORECASE),
@@ -60,18 +57,6 @@ _MAX_PATTERNS = (
     re.compile(r"(?:max(?:imum)?|limit)\D{0,20}(\d+)", re.IGNORECASE),
 )
 _ACTUAL_PATTERN = re.compile(r"(?:requested|prompt (?:has|contains)|is too long: ?)\D{0,20}(\d+)", re.IGNORECASE)
-# mistral.rs answers 500 for errors raised while it parses a request; these wordings are the
-# client's fault (bad values, unknown fields), so they become 400 and are not retried.
-_CLIENT_FAULT = re.compile(
-    r"deserializ|invalid|must be|must not|expected|unknown (?:field|variant)|missing field|out of range"
-    r"|not supported|unsupported|cannot be|can't be|at least|at most|greater than or equal|less than",
-    re.IGNORECASE,
-)
-# ...but an engine or device failure that happens to say "invalid" is still a server fault.
-_SERVER_FAULT = re.compile(
-    r"cuda|out of memory|\boom\b|device|panick|poison|no response received|engine", re.IGNORECASE
-)
-_MODEL_UNAVAILABLE = re.compile(r"requested model .* is not available|model not found", re.IGNORECASE)
 _RELOADING = re.compile(r"is being reloaded|overloaded|queue is full|too many requests", re.IGNORECASE)
 
 
@@ -218,7 +203,7 @@ def classify_upstream_error(
         500s answered as 400 and a model reload in progress as 529.
     """
     message = error_message_of(body) or f"upstream returned HTTP {status}"
-    if _CONTEXT_OVERFLOW.search(message):
+    if CONTEXT_OVERFLOW.search(message):
         return prompt_too_long(message, prompt_tokens_estimate=prompt_tokens_estimate)
     if status in (400, 415, 422):
         return AnthropicError(400, "invalid_request_error", message, should_retry=False)
@@ -232,9 +217,9 @@ def classify_upstream_error(
         return AnthropicError(502, "api_error", message, should_retry=True)
     if status == 504 or status == 408:
         return AnthropicError(504, "timeout_error", message, should_retry=True)
-    if _MODEL_UNAVAILABLE.search(message):
+    if MODEL_UNAVAILABLE.search(message):
         return AnthropicError(404, "not_found_error", message, should_retry=False)
-    if status == 500 and _CLIENT_FAULT.search(message) and not _SERVER_FAULT.search(message):
+    if status == 500 and is_client_fault(message):
         return AnthropicError(400, "invalid_request_error", message, should_retry=False)
     if 400 <= status < 500:
         return AnthropicError(400, "invalid_request_error", message, should_retry=False)
