@@ -9,6 +9,7 @@ credential, cookie or hop-by-hop header ever leaves cortex.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -256,6 +257,26 @@ class UsageTail:
                 continue
             return usage if isinstance(usage, dict) else None
         return None
+
+    def identity(self) -> dict[str, Any]:
+        """``id``, ``created`` and ``model`` of the stream's last chunk that has them (for a chunk cortex adds)."""
+        blob = b"".join(self._chunks)
+        out: dict[str, Any] = {}
+        for key, pattern in _IDENTITY:
+            found = None
+            for found in pattern.finditer(blob):  # noqa: B007 - the last match is the one wanted
+                pass
+            if found is not None:
+                raw = found.group(1)
+                out[key] = int(raw) if key == "created" else raw.decode("utf-8", "replace")
+        return out
+
+
+_IDENTITY = (
+    ("id", re.compile(rb'"id":\s*"([^"]*)"')),
+    ("created", re.compile(rb'"created":\s*(\d+)')),
+    ("model", re.compile(rb'"model":\s*"([^"]*)"')),
+)
 
 
 def error_message(exc: CortexError | NodeReplyError) -> str:

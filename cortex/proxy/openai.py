@@ -304,5 +304,6 @@ async def _write_with_usage(response: web.StreamResponse, chunk: bytes, tail: Us
     if idx < 0 or usage is None:
         await response.write(chunk)
         return
-    extra = {"object": "chat.completion.chunk", "choices": [], "usage": usage}
+    # Every chunk carries id, created and model: the openai SDK's stream helper skips chunks without them.
+    extra = {**tail.identity(), "object": "chat.completion.chunk", "choices": [], "usage": usage}
     await response.write(chunk[:idx] + b"data: " + orjson.dumps(extra) + b"\n\n" + chunk[idx:])
