@@ -8,8 +8,16 @@ from cortex.engine.events import EventBus, ModelLoaded, RequestCompleted
 from cortex.engine.state import RequestRecord
 
 RECORD = RequestRecord(
-    ts=1.0, api="openai", model="m", node="a", status=200, ttft_s=0.1, tok_s=10.0,
-    prompt_tokens=1, completion_tokens=2, latency_s=0.2,
+    ts=1.0,
+    api="openai",
+    model="m",
+    node="a",
+    status=200,
+    ttft_s=0.1,
+    tok_s=10.0,
+    prompt_tokens=1,
+    completion_tokens=2,
+    latency_s=0.2,
 )
 
 

@@ -90,7 +90,9 @@ async def test_include_usage_gives_a_usage_chunk(fleet: FleetFactory) -> None:
     assert all(c.choices for c in chunks[:-1])
     # The added chunk is a full chunk like the node's own: same id, created and model.
     assert (last.id, last.created, last.model) == (chunks[-2].id, chunks[-2].created, chunks[-2].model)
-    assert last.id and last.created > 0 and last.model == "chat-model"
+    assert last.id
+    assert last.created > 0
+    assert last.model == "chat-model"
 
 
 async def test_completions(fleet: FleetFactory) -> None:
