@@ -29,6 +29,7 @@ from cortex.engine.lifecycle import Lease, Lifecycle, RestartResult
 from cortex.engine.metrics import CortexMetrics, RequestOutcome
 from cortex.engine.mistralrs import MistralRsClient, NodeError
 from cortex.engine.state import FleetSnapshot
+from cortex.engine.upstream import UpstreamPool
 
 __all__ = ["Engine"]
 
@@ -54,6 +55,7 @@ class Engine:
         self._state_path = state_path
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session: aiohttp.ClientSession | None = None
+        self._upstream: UpstreamPool | None = None
         self._fleet: Fleet | None = None
         self._lifecycle: Lifecycle | None = None
         self.agents = AgentHub(settings, on_change=self._agents_changed, clock=clock)
@@ -85,7 +87,10 @@ class Engine:
         fleet.totals = self.metrics.totals
         fleet.recent = self.metrics.recent
         self.metrics.bind_fleet(fleet.snapshot)
-        self._lifecycle = Lifecycle(self.settings, fleet, self.metrics, self.bus, self.spawn, self._restart)
+        self._upstream = UpstreamPool(connect_timeout_s=self.settings.gateway.first_byte_timeout_s)
+        self._lifecycle = Lifecycle(
+            self.settings, fleet, self.metrics, self.bus, self.spawn, self._restart, upstream=self._upstream
+        )
 
         for node in fleet.nodes.values():
             self.background(self._poll_loop(node))
@@ -108,6 +113,9 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        if self._upstream is not None:
+            self._upstream.close()
+            self._upstream = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -130,9 +138,15 @@ class Engine:
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        """The one persistent client session (for streaming to nodes)."""
+        """The one persistent client session (polls, lifecycle calls and the odd proxy call to nodes)."""
         assert self._session is not None, "Engine used outside `async with`"
         return self._session
+
+    @property
+    def upstream(self) -> UpstreamPool:
+        """The keep-alive connections that carry client requests to nodes."""
+        assert self._upstream is not None, "Engine used outside `async with`"
+        return self._upstream
 
     @property
     def fleet(self) -> Fleet:

@@ -35,6 +35,7 @@ from cortex.engine.mistralrs import NodeError
 from cortex.engine.placement import Placement, place, select_victims, victim_order
 from cortex.engine.router import pick_node
 from cortex.engine.state import NodeStatus, SlotState
+from cortex.engine.upstream import UpstreamPool
 from cortex.errors import LoadFailed, NoNodeAvailable, QueueFull, QueueTimeout, UnknownModel
 
 __all__ = ["Lease", "Lifecycle", "RestartFn", "RestartResult"]
@@ -42,9 +43,8 @@ __all__ = ["Lease", "Lifecycle", "RestartFn", "RestartResult"]
 log = logging.getLogger(__name__)
 
 
-WARM_CONNECTIONS_MAX = 64
+WARM_CONNECTIONS_MAX = 128
 """The most idle connections held open to a loading node for its waiting requests."""
-WARM_EVERY_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +122,7 @@ class Lifecycle:
         bus: EventBus,
         spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
         restart: RestartFn | None = None,
+        upstream: UpstreamPool | None = None,
     ) -> None:
         self.settings = settings
         self.fleet = fleet
@@ -129,6 +130,7 @@ class Lifecycle:
         self.bus = bus
         self.spawn = spawn
         self.restart = restart
+        self.upstream = upstream
         self.queues: dict[str, _ModelQueue] = {}
         self.defragging: set[str] = set()
         self.load_timeout_s = max(settings.gateway.queue_timeout_s, settings.gateway.first_byte_timeout_s)
@@ -248,11 +250,12 @@ class Lifecycle:
                     await self._wait_change(1.0)
                     continue
                 node = self.fleet.nodes[placement.node]
-                warm = self.spawn(self._warm_connections(node, queue))
+                warm = self.spawn(self._warm_connections(node, queue)) if self.upstream is not None else None
                 try:
                     error = await self.load_on(node, model, placement.victims)
                 finally:
-                    warm.cancel()
+                    if warm is not None:
+                        warm.cancel()
                 if error is None:
                     queue.wake()
                     return
@@ -263,20 +266,15 @@ class Lifecycle:
                 self.queues.pop(model, None)
 
     async def _warm_connections(self, node: NodeRec, queue: _ModelQueue) -> None:
-        """While a model loads, hold one idle connection to its node per waiting request (up to a cap).
+        """While a model loads, keep one idle connection to its node per waiting request (up to a cap).
 
-        Released requests then find a connection ready instead of each opening one, which halved the time
-        from ``loaded`` to the last queued request reaching the node (``bench/cold_load.py``). Renewed well
-        within aiohttp's 15 s keep-alive.
+        Released requests then go out at once on a ready connection instead of each opening one
+        (``bench/cold_load.py``). The pool keeps them fresh; this tops them up as requests arrive.
         """
-        warmed, since = 0, time.monotonic()
+        assert self.upstream is not None
         while True:
-            if time.monotonic() - since >= WARM_EVERY_S:
-                warmed, since = 0, time.monotonic()
-            want = min(queue.waiters, WARM_CONNECTIONS_MAX) - warmed
-            if want > 0:
-                await asyncio.gather(*(node.client.health() for _ in range(want)), return_exceptions=True)
-                warmed += want
+            with contextlib.suppress(Exception):
+                await self.upstream.warm(node.client.endpoint, min(queue.waiters, WARM_CONNECTIONS_MAX))
             await asyncio.sleep(0.25)
 
     # -- node actions ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from cortex.engine.upstream import UpstreamResponse
 from cortex.errors import BadRequest, CortexError, PayloadTooLarge, Unauthorized, UnknownModel
 from cortex.proxy.anthropic import (
     DONE,
@@ -235,7 +236,7 @@ async def _stream(
         return exc.response
     call.queue_s = lease.queue_s
 
-    async def send_with_pings() -> tuple[Lease, aiohttp.ClientResponse]:
+    async def send_with_pings() -> tuple[Lease, UpstreamResponse]:
         """:func:`send`, with pings while the node has not answered yet.
 
         A node that takes longer than :data:`PING_S` to send its headers (a long prefill) does not leave
@@ -284,7 +285,7 @@ async def _translate(
     call: Call,
     tr: StreamTranslator,
     lease: Lease,
-    resp: aiohttp.ClientResponse,
+    resp: UpstreamResponse,
     response: web.StreamResponse | None,
     estimate: int,
 ) -> web.StreamResponse:
@@ -388,7 +389,7 @@ class _EarlyError(Exception):
         self.error = error
 
 
-async def _open(request: web.Request, call: Call, resp: aiohttp.ClientResponse | None) -> web.StreamResponse:
+async def _open(request: web.Request, call: Call, resp: UpstreamResponse | None) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=SSE_HEADERS)
     response.headers.update(cortex_headers(call, resp.headers.get("x-request-id") if resp is not None else None))
     await response.prepare(request)

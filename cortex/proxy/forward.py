@@ -21,6 +21,7 @@ import orjson
 
 from cortex.engine.lifecycle import Lease
 from cortex.engine.metrics import RequestOutcome
+from cortex.engine.upstream import UpstreamResponse
 from cortex.errors import CortexError, UpstreamError
 from cortex.proxy.errors import NodeErrorInfo, read_node_error
 
@@ -88,7 +89,7 @@ def upstream_headers(request_id: str | None) -> dict[str, str]:
 
 async def send(
     engine: Engine, call: Call, path: str, body: bytes, headers: dict[str, str], lease: Lease | None = None
-) -> tuple[Lease, aiohttp.ClientResponse]:
+) -> tuple[Lease, UpstreamResponse]:
     """POST ``body`` to a node serving ``call.model`` and return once its headers arrived.
 
     A connect error, a first-byte timeout or a 5xx that is not the client's fault is retried on another
@@ -102,7 +103,7 @@ async def send(
     if lease is None:
         lease = await engine.acquire(call.model)
     call.queue_s = lease.queue_s
-    session = engine.session
+    upstream = engine.upstream
     timeout_s = engine.settings.gateway.first_byte_timeout_s
     tried: list[str] = []
     while True:
@@ -112,7 +113,7 @@ async def send(
         failure: str
         try:
             async with asyncio.timeout(timeout_s):
-                resp = await session.post(node.client.endpoint + path, data=body, headers=headers)
+                resp = await upstream.post(node.client.endpoint, path, body, headers)
         except TimeoutError:
             failure = f"no first byte from {node.name} within {timeout_s:g} s"
             info: NodeErrorInfo | None = None
@@ -145,7 +146,7 @@ async def send(
         lease = Lease(engine.fleet, other, call.model, lease.queue_s)
 
 
-async def read_body(engine: Engine, call: Call, lease: Lease, resp: aiohttp.ClientResponse) -> bytes:
+async def read_body(engine: Engine, call: Call, lease: Lease, resp: UpstreamResponse) -> bytes:
     """Read a whole (non-streaming) answer; the response and the lease are released either way.
 
     Raises:

@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from cortex.engine.upstream import UpstreamResponse
 from cortex.errors import BadRequest, CortexError
 from cortex.proxy.common import (
     SSE_HEADERS,
@@ -234,7 +235,7 @@ async def _pipe(
     engine: Engine,
     call: Call,
     lease: Lease,
-    resp: aiohttp.ClientResponse,
+    resp: UpstreamResponse,
     response: web.StreamResponse | None,
     include_usage: bool,
 ) -> web.StreamResponse:

@@ -1,0 +1,433 @@
+"""The HTTP/1.1 client that carries client requests to nodes: one pool of keep-alive connections per node.
+
+Why not aiohttp's client here (it still does every other call to a node): building and sending one
+request through ``ClientSession.post`` costs about 0.2 ms of Python, and the bytes only leave in a task
+scheduled after it. When a load finishes and 100 queued requests are released at once, that put the last
+of them on the wire 25 to 40 ms after ``loaded``. Here a request is one pre-formatted ``transport.write`` on an
+idle connection, done before the first ``await``, and responses are parsed by llhttp (``httptools``, the
+parser uvicorn uses). ``bench/cold_load.py`` measures the release on the wire.
+
+What it does, and no more: ``POST`` with a full body; ``Content-Length``, chunked and read-to-close
+answers; keep-alive reuse (an idle connection is dropped after :data:`IDLE_S` or when the node closes it);
+one retry on a fresh connection when a *reused* one turns out dead before any byte of an answer (the node
+closed it while idle: the request never reached it); back-pressure (a slow reader pauses the socket); TLS
+for ``https://`` endpoints; a path prefix in the endpoint. Errors are aiohttp's exception types, so callers
+handle one family.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from urllib.parse import urlsplit
+
+import aiohttp
+import httptools
+
+__all__ = ["IDLE_S", "UpstreamPool", "UpstreamResponse"]
+
+IDLE_S = 15.0
+"""An idle connection older than this is closed rather than reused (aiohttp's default keep-alive)."""
+HIGH_WATER = 256 * 1024
+"""Buffered answer bytes at which reading from the node pauses until the reader catches up."""
+MAX_IDLE = 512
+"""Idle connections kept per node at most."""
+
+
+class Headers(dict[str, str]):
+    """Response headers with lower-case names (a repeated header keeps its last value)."""
+
+    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return super().get(key.lower(), default)
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(key.lower())
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(key.lower())
+
+
+class UpstreamResponse:
+    """One node answer: status and headers once they arrived, then the body as it comes.
+
+    The same surface as the parts of ``aiohttp.ClientResponse`` the proxy uses: ``status``, ``headers``,
+    ``content.iter_any()`` / ``content.readany()``, ``read()``, ``release()``, ``close()``.
+    """
+
+    __slots__ = ("_buffered", "_chunks", "_conn", "_eof", "_error", "_waiter", "headers", "status")
+
+    def __init__(self, conn: _Conn, status: int, headers: Headers) -> None:
+        self._conn: _Conn | None = conn
+        self.status = status
+        self.headers = headers
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def content(self) -> UpstreamResponse:
+        return self
+
+    # -- fed by the connection ------------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._wake()
+        if self._buffered > HIGH_WATER and self._conn is not None:
+            self._conn.pause()
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if error is None:
+            self._eof = True
+        elif self._error is None and not self._eof:
+            self._error = error
+        self._conn = None
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- read by the proxy ----------------------------------------------------------------------------
+
+    async def readany(self) -> bytes:
+        """The next bytes of the body (b"" at its end)."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        data = self._chunks.popleft()
+        self._buffered -= len(data)
+        if self._conn is not None and self._buffered <= HIGH_WATER // 4:
+            self._conn.resume()
+        return data
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, one or more received pieces at a time."""
+        while True:
+            if self._chunks:
+                data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+                self._chunks.clear()
+                self._buffered = 0
+                if self._conn is not None:
+                    self._conn.resume()
+                yield data
+                continue
+            data = await self.readany()
+            if not data:
+                return
+            yield data
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        parts = []
+        while data := await self.readany():
+            parts.append(data)
+        return b"".join(parts)
+
+    def release(self) -> None:
+        """Done with the answer: an unfinished one closes its connection (it cannot be reused)."""
+        if self._conn is not None:
+            self._conn.abort()
+
+    def close(self) -> None:
+        """Drop the answer and its connection; a pending read raises ``ClientConnectionError``."""
+        if self._conn is not None:
+            self._conn.abort()
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection to a node and the parser of its answers."""
+
+    def __init__(self, host: _Host) -> None:
+        self.host = host
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self.reused = False
+        self.got_bytes = False
+        self.head: asyncio.Future[UpstreamResponse] | None = None
+        self.response: UpstreamResponse | None = None
+        self._headers = Headers()
+        self._paused = False
+        self._until_close = False
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.head is None:  # nothing was asked on this connection: not an answer cortex can use
+            self.abort()
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(aiohttp.ClientPayloadError(f"{self.host.name}: malformed answer: {exc}"))
+            self.abort()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:  # aborted by cortex: everything pending has failed already
+            return
+        self.closed = True
+        self.host.forget(self)
+        if self.response is not None and self._until_close and exc is None:
+            self.response._finish()  # a body delimited by the end of the connection
+            self.response = None
+            return
+        if self.head is not None and not self.head.done():
+            self.head.set_exception(
+                _Dead() if self.reused and not self.got_bytes else aiohttp.ServerDisconnectedError()
+            )
+        self._fail(aiohttp.ClientPayloadError("Response payload is not completed"))
+
+    # -- httptools callbacks --------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.head is None:  # an answer nobody asked for (after the last one, in the same packet)
+            raise _Unasked
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:  # an interim answer (100 Continue): the real one follows
+            self._headers = Headers()
+            return
+        headers, self._headers = self._headers, Headers()
+        self._until_close = (
+            "content-length" not in headers and "chunked" not in (headers.get("transfer-encoding") or "").lower()
+        )
+        response = self.response = UpstreamResponse(self, status, headers)
+        if self.head is not None and not self.head.done():
+            self.head.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        if self.response is not None:
+            self.response._feed(body)
+
+    def on_message_complete(self) -> None:
+        response, self.response = self.response, None
+        if response is None:
+            return  # the end of an interim answer
+        keep = self.parser.should_keep_alive()
+        self.head = None
+        if self._paused:
+            self.resume()
+        response._finish()
+        if keep and not self.closed:
+            self.host.put_back(self)
+        else:
+            self.abort()
+
+    # -- used by the pool and the response ------------------------------------------------------------
+
+    def send(self, data: bytes) -> asyncio.Future[UpstreamResponse]:
+        assert self.transport is not None
+        self.head = asyncio.get_running_loop().create_future()
+        self.got_bytes = False
+        self.transport.write(data)
+        return self.head
+
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None and not self.closed:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        """Close the connection at once; an unfinished answer fails with ``ClientConnectionError``."""
+        if not self.closed:
+            self.closed = True
+            self.host.forget(self)
+            self._fail(aiohttp.ClientConnectionError("Connection closed"))
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _fail(self, error: BaseException) -> None:
+        if self.head is not None and not self.head.done():
+            self.head.set_exception(error)
+        response, self.response = self.response, None
+        if response is not None:
+            response._finish(error)
+
+
+class _Unasked(Exception):
+    """The node sent an answer with no request outstanding: the connection is out of step."""
+
+
+class _Dead(Exception):
+    """A reused idle connection was already closed by the node: send again on a new one."""
+
+
+class _Host:
+    """One node endpoint: where to connect, the request line prefix, and its idle connections."""
+
+    def __init__(self, endpoint: str, connect_timeout_s: float) -> None:
+        parts = urlsplit(endpoint)
+        self.name = parts.netloc
+        self.hostname = parts.hostname or "127.0.0.1"
+        self.tls = parts.scheme == "https"
+        self.port = parts.port or (443 if self.tls else 80)
+        self.prefix = parts.path.rstrip("/")
+        default_port = (self.tls and self.port == 443) or (not self.tls and self.port == 80)
+        host = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
+        self.host_header = host if default_port else f"{host}:{self.port}"
+        self.connect_timeout_s = connect_timeout_s
+        self.idle: deque[_Conn] = deque()
+        self.open: set[_Conn] = set()
+        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if self.tls else None
+
+    def head(self, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:
+        lines = [f"POST {self.prefix}{path} HTTP/1.1\r\nHost: {self.host_header}\r\nContent-Length: {len(body)}\r\n"]
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise ValueError(f"header {name!r} has a line break")
+            lines.append(f"{name}: {value}\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1") + body
+
+    def take(self) -> _Conn | None:
+        """An idle connection fit for reuse, or None."""
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()  # the most recently used: the least likely to have been closed
+            if conn.closed or now - conn.idle_since > IDLE_S:
+                conn.abort()
+                continue
+            conn.reused = True
+            return conn
+        return None
+
+    async def connect(self) -> _Conn:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await loop.create_connection(
+                    lambda: _Conn(self),
+                    self.hostname,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.hostname if self.tls else None,
+                )
+        except TimeoutError:
+            raise aiohttp.ClientConnectionError(
+                f"connecting to {self.name} timed out after {self.connect_timeout_s:g} s"
+            ) from None
+        except OSError as exc:
+            raise aiohttp.ClientConnectionError(f"cannot connect to {self.name}: {exc.strerror or exc}") from None
+        self.open.add(conn)
+        return conn
+
+    def put_back(self, conn: _Conn) -> None:
+        if len(self.idle) >= MAX_IDLE:
+            conn.abort()
+            return
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def forget(self, conn: _Conn) -> None:
+        self.open.discard(conn)
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
+    def close(self) -> None:
+        for conn in list(self.open):
+            conn.abort()
+        self.idle.clear()
+
+
+class UpstreamPool:
+    """Keep-alive connections to every node, for the requests cortex forwards."""
+
+    def __init__(self, *, connect_timeout_s: float = 10.0) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self._hosts: dict[str, _Host] = {}
+
+    def _host(self, endpoint: str) -> _Host:
+        host = self._hosts.get(endpoint)
+        if host is None:
+            host = self._hosts[endpoint] = _Host(endpoint, self.connect_timeout_s)
+        return host
+
+    async def post(self, endpoint: str, path: str, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
+        """Send ``body`` to ``endpoint + path``; return once the answer's status and headers arrived.
+
+        Raises:
+            aiohttp.ClientConnectionError: the node could not be reached or closed the connection.
+            aiohttp.ClientPayloadError: the answer was not valid HTTP.
+            ValueError: a header value with a line break.
+        """
+        host = self._host(endpoint)
+        data = host.head(path, body, headers)
+        conn = host.take()
+        while conn is not None:
+            # On an idle connection the request leaves now, before the first await.
+            try:
+                return await self._exchange(conn, data)
+            except _Dead:
+                conn = host.take()
+        conn = await host.connect()
+        try:
+            return await self._exchange(conn, data)
+        except _Dead:  # cannot happen on a fresh connection; keep the type out of callers anyway
+            raise aiohttp.ServerDisconnectedError() from None
+
+    @staticmethod
+    async def _exchange(conn: _Conn, data: bytes) -> UpstreamResponse:
+        try:
+            return await conn.send(data)
+        except asyncio.CancelledError:
+            conn.abort()  # an answer may still come: this connection cannot carry another request
+            raise
+
+    async def warm(self, endpoint: str, count: int) -> int:
+        """Open connections until ``count`` are idle (for requests about to be released); how many opened."""
+        host = self._host(endpoint)
+        now = time.monotonic()
+        fresh = sum(1 for c in host.idle if not c.closed and now - c.idle_since < IDLE_S / 2)
+        want = min(count, MAX_IDLE) - fresh
+        if want <= 0:
+            return 0
+        results = await asyncio.gather(*(host.connect() for _ in range(want)), return_exceptions=True)
+        opened = 0
+        for conn in results:
+            if isinstance(conn, _Conn):
+                host.put_back(conn)
+                opened += 1
+        return opened
+
+    def idle_count(self, endpoint: str) -> int:
+        host = self._hosts.get(endpoint)
+        return 0 if host is None else sum(1 for c in host.idle if not c.closed)
+
+    def close(self) -> None:
+        """Close every connection (the engine's shutdown)."""
+        for host in self._hosts.values():
+            host.close()
+        self._hosts.clear()

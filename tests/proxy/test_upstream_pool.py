@@ -1,0 +1,341 @@
+"""The upstream HTTP/1.1 pool (cortex/engine/upstream.py) against real servers on loopback.
+
+aiohttp servers for well-formed HTTP; small raw asyncio servers where a node misbehaves on the wire
+(closing an idle connection, answering without a length, sending garbage or unasked bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from cortex.engine.upstream import HIGH_WATER, UpstreamPool
+
+pytestmark = pytest.mark.asyncio
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Server:
+    """An aiohttp server that records each request's connection (peer port), path and headers."""
+
+    def __init__(self) -> None:
+        self.peers: list[int] = []
+        self.seen: list[tuple[str, dict[str, str], bytes]] = []
+        self.url = ""
+
+    def wrap(self, handler: Handler) -> Handler:
+        async def recorded(request: web.Request) -> web.StreamResponse:
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            self.peers.append(peer[1] if peer else -1)
+            self.seen.append((request.path, dict(request.headers), await request.read()))
+            return await handler(request)
+
+        return recorded
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[Server]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(handler: Handler) -> Server:
+        server = Server()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", server.wrap(handler))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = runner.addresses[0][1]
+        server.url = f"http://127.0.0.1:{port}"
+        return server
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[UpstreamPool]:
+    p = UpstreamPool(connect_timeout_s=2.0)
+    yield p
+    p.close()
+
+
+async def raw_server(on_conn: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> Any:
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    return server
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One request (head and Content-Length body) from a raw connection; b"" at EOF."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return b""
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head + await reader.readexactly(length)
+
+
+async def test_keeps_one_connection_for_sequential_requests(serve: Any, pool: UpstreamPool) -> None:
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True}, headers={"x-request-id": "r1"})
+
+    server = await serve(ok)
+    for _ in range(3):
+        resp = await pool.post(server.url, "/v1/x", b"{}", {"Content-Type": "application/json"})
+        assert resp.status == 200
+        assert resp.headers.get("X-Request-Id") == "r1"
+        assert await resp.read() == b'{"ok": true}'
+        resp.release()
+    assert len(server.peers) == 3
+    assert len(set(server.peers)) == 1, "sequential requests must reuse the connection"
+
+
+async def test_sends_only_the_headers_given_and_the_path_prefix(serve: Any, pool: UpstreamPool) -> None:
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="fine")
+
+    server = await serve(ok)
+    resp = await pool.post(server.url + "/prefix/", "/v1/chat", b'{"a":1}', {"Content-Type": "application/json"})
+    assert await resp.read() == b"fine"
+    path, headers, body = server.seen[0]
+    assert path == "/prefix/v1/chat"
+    assert body == b'{"a":1}'
+    assert {k.lower() for k in headers} == {"host", "content-length", "content-type"}
+    assert headers["Host"] == server.url.removeprefix("http://")
+
+
+async def test_a_line_break_in_a_header_is_refused(pool: UpstreamPool) -> None:
+    with pytest.raises(ValueError, match="line break"):
+        await pool.post("http://127.0.0.1:9", "/x", b"", {"x-request-id": "a\r\nEvil: 1"})
+
+
+async def test_streams_chunks_as_they_come(serve: Any, pool: UpstreamPool) -> None:
+    go_on = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data:one\n\n")
+        await go_on.wait()
+        await response.write(b"data:two\n\n")
+        await response.write_eof()
+        return response
+
+    server = await serve(stream)
+    resp = await pool.post(server.url, "/s", b"", {})
+    got = []
+    async for chunk in resp.content.iter_any():
+        got.append(chunk)
+        if chunk == b"data:one\n\n":
+            go_on.set()  # the second chunk is only sent once the first was read: no buffering
+    assert b"".join(got) == b"data:one\n\ndata:two\n\n"
+    assert got[0] == b"data:one\n\n"
+    # the connection went back to the pool once the answer ended
+    assert pool.idle_count(server.url) == 1
+
+
+async def test_a_body_delimited_by_close(pool: UpstreamPool) -> None:
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+        await writer.drain()
+        writer.close()
+
+    server = await raw_server(on_conn)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        resp = await pool.post(f"http://127.0.0.1:{port}", "/x", b"{}", {})
+        assert resp.status == 200
+        assert await resp.read() == b"all of it"
+        assert pool.idle_count(f"http://127.0.0.1:{port}") == 0
+
+
+async def test_an_idle_connection_the_node_closed_is_retried_on_a_new_one(pool: UpstreamPool) -> None:
+    """The node answers one request per connection, then closes the connection on the next one unanswered
+    (as a server does when its keep-alive timer fires just as a request arrives)."""
+    connections = 0
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        if await read_request(reader):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        await read_request(reader)
+        writer.close()
+
+    server = await raw_server(on_conn)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server:
+        for _ in range(3):
+            resp = await pool.post(url, "/x", b"{}", {})
+            assert await resp.read() == b"ok"
+        assert connections == 3, "each request after the first needed a new connection"
+
+
+async def test_a_node_that_closes_mid_answer_fails_the_read(pool: UpstreamPool) -> None:
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        await writer.drain()
+        writer.close()
+
+    server = await raw_server(on_conn)
+    async with server:
+        resp = await pool.post(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "/x", b"{}", {})
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+
+
+async def test_a_node_that_closes_before_answering_is_a_disconnect(pool: UpstreamPool) -> None:
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.close()
+
+    server = await raw_server(on_conn)
+    async with server:
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await pool.post(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "/x", b"{}", {})
+
+
+async def test_garbage_is_a_payload_error(pool: UpstreamPool) -> None:
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    server = await raw_server(on_conn)
+    async with server:
+        with pytest.raises(aiohttp.ClientPayloadError, match="malformed"):
+            await pool.post(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "/x", b"{}", {})
+
+
+async def test_unasked_bytes_on_an_idle_connection_drop_it(pool: UpstreamPool) -> None:
+    connections = 0
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while await read_request(reader):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")  # unasked
+            await writer.drain()
+
+    server = await raw_server(on_conn)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server:
+        resp = await pool.post(url, "/x", b"{}", {})
+        assert await resp.read() == b"ok"
+        await asyncio.sleep(0.05)
+        assert pool.idle_count(url) == 0, "a connection that spoke unasked is not reused"
+        resp = await pool.post(url, "/x", b"{}", {})
+        assert resp.status == 200
+        assert await resp.read() == b"ok"
+        assert connections == 2
+
+
+async def test_refused_connection_is_a_client_connection_error(pool: UpstreamPool) -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(aiohttp.ClientConnectionError, match="cannot connect"):
+        await pool.post(f"http://127.0.0.1:{port}", "/x", b"{}", {})
+
+
+async def test_close_ends_a_pending_read(serve: Any, pool: UpstreamPool) -> None:
+    done = asyncio.Event()
+
+    async def silent(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await done.wait()
+        return response
+
+    server = await serve(silent)
+    resp = await pool.post(server.url, "/x", b"", {})
+    reader = asyncio.ensure_future(resp.content.readany())
+    await asyncio.sleep(0.05)
+    assert not reader.done()
+    resp.close()
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await asyncio.wait_for(reader, 2)
+    assert pool.idle_count(server.url) == 0
+    done.set()
+
+
+async def test_cancelling_before_the_answer_does_not_reuse_the_connection(serve: Any, pool: UpstreamPool) -> None:
+    calls = 0
+
+    async def slow_then_fast(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(0.5)
+            return web.Response(text="late")
+        return web.Response(text="second")
+
+    server = await serve(slow_then_fast)
+    ok = await pool.post(server.url, "/warm", b"", {})
+    await ok.read()
+    calls = 0
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.1):
+            await pool.post(server.url, "/x", b"", {})
+    resp = await pool.post(server.url, "/x", b"", {})
+    assert await resp.read() == b"second", "the late answer must never be read as the next one's"
+
+
+async def test_a_slow_reader_pauses_the_socket(serve: Any, pool: UpstreamPool) -> None:
+    blob = bytes(range(256)) * (8 * 1024)  # 2 MiB
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for i in range(0, len(blob), 64 * 1024):
+            await response.write(blob[i : i + 64 * 1024])
+        await response.write_eof()
+        return response
+
+    server = await serve(big)
+    resp = await pool.post(server.url, "/big", b"", {})
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if resp._buffered > HIGH_WATER:
+            break
+    assert resp._buffered > HIGH_WATER
+    assert resp._conn is not None
+    assert resp._conn.transport is not None
+    assert not resp._conn.transport.is_reading(), "reading must pause above the high-water mark"
+    assert await resp.read() == blob
+
+
+async def test_warm_opens_idle_connections_that_requests_then_use(serve: Any, pool: UpstreamPool) -> None:
+    async def ok(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.05)  # all in flight at once
+        return web.Response(text="ok")
+
+    server = await serve(ok)
+    assert await pool.warm(server.url, 5) == 5
+    assert pool.idle_count(server.url) == 5
+    assert await pool.warm(server.url, 5) == 0, "already warm"
+
+    async def one() -> bytes:
+        resp = await pool.post(server.url, "/x", b"", {})
+        return await resp.read()
+
+    assert await asyncio.gather(*(one() for _ in range(5))) == [b"ok"] * 5
+    assert len(set(server.peers)) == 5
+    assert pool.idle_count(server.url) == 5
