@@ -13,7 +13,7 @@ import contextlib
 import fnmatch
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -262,9 +262,11 @@ class Engine:
         """Every model id some node lists, sorted."""
         return sorted(self.fleet.nodes_by_model())
 
-    async def acquire(self, model: str, exclude: tuple[str, ...] = ()) -> Lease:
+    async def acquire(
+        self, model: str, exclude: tuple[str, ...] = (), on_wait: Callable[[float], Awaitable[None]] | None = None
+    ) -> Lease:
         """A lease on a node serving ``model`` (see :meth:`Lifecycle.acquire`)."""
-        return await self.lifecycle.acquire(model, exclude)
+        return await self.lifecycle.acquire(model, exclude, on_wait)
 
     def record(self, outcome: RequestOutcome) -> None:
         """Count a finished request (metrics, windows, request log, event)."""

@@ -92,23 +92,45 @@ class Lease:
 
 
 class _ModelQueue:
-    """Requests waiting for one model, and the future that wakes them."""
+    """Requests waiting for one model: one future per waiting request, all settled by :meth:`wake`.
 
-    __slots__ = ("future", "placer", "waiters")
+    A future of its own per request (not one shared future behind ``shield`` and ``wait_for``) wakes each
+    waiting task in a single step of the loop: with 100 requests queued behind a load, that is what lets
+    the last of them leave within milliseconds of ``loaded`` (``bench/cold_load.py``).
+    """
+
+    __slots__ = ("pending", "placer", "waiters")
 
     def __init__(self) -> None:
         self.waiters = 0
-        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending: set[asyncio.Future[None]] = set()
         self.placer: asyncio.Task[Any] | None = None
 
     def wake(self, error: Exception | None = None) -> None:
-        fut, self.future = self.future, asyncio.get_running_loop().create_future()
-        if not fut.done():
-            if error is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(error)
-                fut.exception()  # mark retrieved: waiters that left early must not warn
+        pending, self.pending = self.pending, set()
+        for fut in pending:
+            if not fut.done():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until :meth:`wake` (raising its error, if any) or ``timeout_s``, whichever comes first."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(timeout_s, _settle, fut)
+        self.pending.add(fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self.pending.discard(fut)
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class Lifecycle:
@@ -146,8 +168,16 @@ class Lifecycle:
         name = pick_node(model, self.fleet.nodes.values(), exclude)
         return None if name is None else self.fleet.nodes[name]
 
-    async def acquire(self, model: str, exclude: tuple[str, ...] = ()) -> Lease:
+    async def acquire(
+        self,
+        model: str,
+        exclude: tuple[str, ...] = (),
+        on_wait: Callable[[float], Awaitable[None]] | None = None,
+    ) -> Lease:
         """A lease on a node serving ``model``, loading it first if it is loaded nowhere.
+
+        While the request waits, ``on_wait(seconds waited)`` is awaited about once a second (the proxy keeps
+        a streaming client's connection alive with it); what it raises ends the wait.
 
         Raises:
             UnknownModel: no node lists the model.
@@ -184,8 +214,9 @@ class Lifecycle:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise QueueTimeout(f"{model} was not ready within {self.settings.gateway.queue_timeout_s:g} s")
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(queue.future), min(remaining, 1.0))
+                await queue.wait(min(remaining, 1.0))
+                if on_wait is not None and self.route(model, exclude) is None:
+                    await on_wait(time.monotonic() - started)
         finally:
             queue.waiters -= 1
             if queue.waiters:
@@ -351,6 +382,11 @@ class Lifecycle:
             }
             return messages.get(status, f"unexpected status {status!r}")
         fleet.set_slot(node, model, SlotState.LOADED)
+        queue = self.queues.get(model)
+        if queue is not None:
+            # The waiting requests go now, not after the memory poll below (which only learns the footprint;
+            # requests starting meanwhile can only make it larger, never let a model overcommit a node).
+            queue.wake()
         after = await self._fresh_used(node)
         if learn and before is not None and after is not None and after > before:
             fleet.learn_footprint(model, after - before)

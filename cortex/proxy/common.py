@@ -6,8 +6,6 @@ so a rule (say, the 413 for large bodies) is written once and holds for OpenAI a
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hmac
 import time
 from collections.abc import Callable, Coroutine
@@ -141,33 +139,29 @@ async def acquire_streaming(
     node = engine.lifecycle.route(call.model)
     if node is not None:
         return Lease(engine.fleet, node, call.model, 0.0), None
-    task = asyncio.ensure_future(engine.acquire(call.model))
     response: web.StreamResponse | None = None
-    started = time.monotonic()
+    last_notice = 0.0
+
+    async def keep_alive(waited: float) -> None:
+        # called about once a second while waiting; a notice every 3.5 s keeps well within LOAD_NOTICE_S
+        nonlocal response, last_notice
+        now = time.monotonic()
+        if waited < 1.0 or (response is not None and now - last_notice < LOAD_NOTICE_S - 1.5):
+            return
+        if response is None:
+            response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+            response.headers["x-cortex-model"] = call.model
+            await response.prepare(request)
+        loading = engine.fleet.loading.get(call.model)
+        where = loading[0] if loading else "a node"
+        try:
+            await response.write(notice(call.model, where, waited))
+        except ConnectionResetError:
+            raise ClientGone(response) from None
+        last_notice = now
+
     try:
-        done, _ = await asyncio.wait({task}, timeout=1.0)
-        while not done:
-            if response is None:
-                response = web.StreamResponse(status=200, headers=SSE_HEADERS)
-                response.headers["x-cortex-model"] = call.model
-                await response.prepare(request)
-            loading = engine.fleet.loading.get(call.model)
-            where = loading[0] if loading else "a node"
-            try:
-                await response.write(notice(call.model, where, time.monotonic() - started))
-            except ConnectionResetError:
-                raise ClientGone(response) from None
-            done, _ = await asyncio.wait({task}, timeout=LOAD_NOTICE_S - 0.5)
-    except BaseException:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        elif not task.cancelled() and task.exception() is None:
-            task.result().release()
-        raise
-    try:
-        return task.result(), response
+        return await engine.acquire(call.model, on_wait=keep_alive), response
     except CortexError as exc:
         if response is not None:
             raise WaitFailed(exc, response) from None

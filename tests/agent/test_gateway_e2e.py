@@ -606,9 +606,15 @@ async def test_a_restart_command_restarts_the_simulator(tmp_path: Path) -> None:
         assert sim.pid != first_pid
         node = await wait_node(
             r.url,
-            lambda n: n["status"] == "up" and slot_states(n).get("m1") == "loaded" and agent_fresh(n),
+            # the agent's report after the restart (an earlier one may have caught mistralrs still starting)
+            lambda n: (
+                n["status"] == "up"
+                and slot_states(n).get("m1") == "loaded"
+                and agent_fresh(n)
+                and n["agent"]["mistralrs_up"] is True
+            ),
             15,
-            "node a up with m1 loaded after the restart",
+            "node a up with m1 loaded after the restart, and the agent seeing mistralrs up",
         )
         last = node["agent"]["last_command"]
         assert last is not None
