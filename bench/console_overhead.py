@@ -78,7 +78,7 @@ FULL = {
     "conc": 32,
     "max_tokens": 16,
     "idle_s": 2.0,  # cortex CPU sampled this long with no load (the console's own redraw cost)
-    "stream_n": 400,  # streams per start (0: none)
+    "stream_n": 2000,  # streams per start (0: none); about 2 s, so the 1 Hz busy redraw falls in it
     "stream_conc": 16,
     "stream_tokens": 32,
     "budget_s": 225,  # no new round once the next one would end past this (after any wait for bench/run.py)

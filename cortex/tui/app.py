@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from textual import on, work
 from textual.app import App
 from textual.binding import Binding, BindingType
+from textual.filter import ANSIToTruecolor, LineFilter
 from textual.notifications import SeverityLevel
 from textual.screen import ModalScreen, Screen
 from textual.worker import Worker, WorkerState
@@ -107,6 +108,16 @@ class CortexApp(App[int]):
         self._commands: dict[Worker[Any], Command] = {}
         self._theme_problems: list[str] = []
         self.theme_cycle = self._load_themes(theme_dir)
+
+    def get_line_filters(self) -> Sequence[LineFilter]:
+        """Textual's line filters less ``ANSIToTruecolor``, which rebuilt every segment of every redrawn line.
+
+        cortex's themes and styles are all truecolor, so that filter changed nothing on screen (the snapshot
+        tests are the proof), yet under load it was most of the console's drawing cost: with it the proxy
+        kept 0.84 of its ``--no-tui`` throughput, without it about 1.0 (``bench/console_overhead.py``).
+        A terminal's own palette still shows any ANSI colour (Rich markup in a notice, say) as it would anyway.
+        """
+        return [f for f in super().get_line_filters() if not isinstance(f, ANSIToTruecolor)]
 
     # -- themes -------------------------------------------------------------------------------------
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from textual.strip import Strip
 
+from cortex.tui.render import Cell
 from cortex.tui.screens.detail import DetailScreen
 from cortex.tui.screens.help import HelpScreen
 from cortex.tui.widgets.fleet_table import FleetTable
+from cortex.tui.widgets.request_log import RequestLog
 from tests.tui.fakes import GEMMA, LLAMA, NOW, PHI, QWEN7, FakeEngine, build_app
 from tests.tui.pilots import Messages, select
 
@@ -173,20 +176,35 @@ async def test_a_quiet_tick_touches_no_cell(monkeypatch: pytest.MonkeyPatch, eng
             adds.append(self.id)
             return original_add(self, *cells, **k)  # type: ignore[arg-type]
 
+        paints: list[tuple[Cell, ...]] = []
+        original_paint = RequestLog._paint_row
+
+        def counting_paint(self: RequestLog, cells: tuple[Cell, ...], width: int) -> Strip:
+            paints.append(cells)
+            return original_paint(self, cells, width)
+
         monkeypatch.setattr(FleetTable, "update_cell", counting_update)
         monkeypatch.setattr(FleetTable, "add_row", counting_add)
+        monkeypatch.setattr(RequestLog, "_paint_row", counting_paint)
         for _ in range(3):
             app.refresh_views()
+        await pilot.pause()
         assert updates == []
         assert adds == []
+        assert paints == []
         models = list(engine.fleet.models)
         models[0] = replace(models[0], in_flight=5)
         requests = (replace(engine.fleet.requests[0], ts=NOW + 0.5), *engine.fleet.requests)
         engine.fleet = replace(engine.fleet, models=tuple(models), requests=requests)
         app.refresh_views()
+        await pilot.pause()
         assert updates == [("models", "in_flight")]
-        assert adds == []  # the request log moves at most once a second
+        assert paints == []  # the request log moves at most once a second
+        rows_before = app.dashboard.requests.row_count
         app.clock = lambda: NOW + 1.0
         app.refresh_views()
-        assert adds == ["requests"]
+        await pilot.pause()
         assert app.dashboard.requests.cell_text(0, "time") == "00:00:00"
+        assert app.dashboard.requests.row_count == rows_before + 1
+        # only the new row is painted: the rows that moved down keep their painted lines
+        assert paints == [app.dashboard.requests._rows[0][1]]

@@ -36,6 +36,7 @@ from cortex.tui.render import (
 from cortex.tui.screens.detail import DetailScreen
 from cortex.tui.widgets.fleet_table import FleetTable
 from cortex.tui.widgets.header import FleetHeader
+from cortex.tui.widgets.request_log import RequestLog
 from cortex.tui.widgets.spark import SparkPanel
 
 __all__ = ["DashboardScreen"]
@@ -73,7 +74,7 @@ class DashboardScreen(Screen[None]):
             "nodes": FleetTable(NODE_COLUMNS, id="nodes"),
             "models": FleetTable(MODEL_COLUMNS, id="models"),
         }
-        self.requests = FleetTable(REQUEST_COLUMNS, cursor=False, id="requests")
+        self.requests = RequestLog(REQUEST_COLUMNS, id="requests")
         self.sparks = (SparkPanel(id="spark-tok"), SparkPanel(id="spark-ttft"))
         self.filter_input = Input(
             placeholder="filter nodes, models and requests (Enter keeps it, Esc clears it)", id="filter"

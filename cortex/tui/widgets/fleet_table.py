@@ -14,7 +14,7 @@ Cells arrive as toned runs (:mod:`cortex.tui.render`). They are styled lazily, a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rich.cells import cell_len, set_cell_size
 from rich.console import Console, ConsoleOptions
@@ -26,10 +26,39 @@ from textual.widgets import DataTable
 
 from cortex.tui.render import Cell, ColumnSpec, Row
 
-__all__ = ["TONES", "FleetTable", "ToneText"]
+__all__ = ["TONES", "FleetTable", "ToneText", "paint"]
 
 TONES = ("success", "warning", "error", "muted", "accent")
 """Tones a cell may use; each is a component class ``tone--<name>``."""
+
+
+def paint(spans: Cell, width: int, style_of: Callable[[str], Style], *, right: bool = False) -> list[Segment]:
+    """Toned runs as one line of exactly `width` cells, led by a one-cell gap, cut with an ellipsis.
+
+    Cells are painted straight to segments rather than through ``rich.text.Text``: a table cell is one
+    line, and skipping Text's wrapping machinery makes a repaint about five times cheaper. ``style_of``
+    gives a tone's style (the ``tone--*`` component classes of the widget that paints).
+    """
+    out = [Segment(" ")]
+    used = 1
+    for run, tone in spans:
+        style = style_of(tone) if tone else None
+        length = cell_len(run)
+        if used + length > width:
+            room = width - used
+            if room > 0:
+                out.append(Segment(set_cell_size(run, room - 1) + "…", style))
+            used = max(used, width)
+            break
+        out.append(Segment(run, style))
+        used += length
+    if used < width:
+        pad = Segment(" " * (width - used))
+        if right:
+            out.insert(0, pad)
+        else:
+            out.append(pad)
+    return out
 
 
 class ToneText:
@@ -96,31 +125,8 @@ class FleetTable(DataTable[ToneText]):
         return "".join(text for text, _ in self._rows[row][1][index])
 
     def segments(self, spans: Cell, width: int, *, right: bool = False) -> list[Segment]:
-        """Toned runs as one line of exactly `width` cells, led by a one-cell gap, cut with an ellipsis.
-
-        Cells are painted straight to segments rather than through ``rich.text.Text``: a table cell is one
-        line, and skipping Text's wrapping machinery makes a repaint about five times cheaper.
-        """
-        out = [Segment(" ")]
-        used = 1
-        for run, tone in spans:
-            style = self._tone_style(tone) if tone else None
-            length = cell_len(run)
-            if used + length > width:
-                room = width - used
-                if room > 0:
-                    out.append(Segment(set_cell_size(run, room - 1) + "…", style))
-                used = max(used, width)
-                break
-            out.append(Segment(run, style))
-            used += length
-        if used < width:
-            pad = Segment(" " * (width - used))
-            if right:
-                out.insert(0, pad)
-            else:
-                out.append(pad)
-        return out
+        """A cell's toned runs painted ``width`` cells wide (see :func:`paint`)."""
+        return paint(spans, width, self._tone_style, right=right)
 
     def sync(self, rows: Sequence[Row]) -> None:
         """Show these rows (unique keys, in this order), touching only what changed."""
