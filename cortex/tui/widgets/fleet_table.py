@@ -22,11 +22,12 @@ from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual import events
+from textual.widget import Widget
 from textual.widgets import DataTable
 
 from cortex.tui.render import Cell, ColumnSpec, Row
 
-__all__ = ["TONES", "FleetTable", "ToneText", "paint"]
+__all__ = ["TONES", "FleetTable", "ToneStyles", "ToneText", "paint"]
 
 TONES = ("success", "warning", "error", "muted", "accent")
 """Tones a cell may use; each is a component class ``tone--<name>``."""
@@ -59,6 +60,30 @@ def paint(spans: Cell, width: int, style_of: Callable[[str], Style], *, right: b
         else:
             out.append(pad)
     return out
+
+
+class ToneStyles:
+    """A widget's ``tone--*`` component styles for painting cells, cached until its styles change."""
+
+    __slots__ = ("_styles", "_widget")
+
+    def __init__(self, widget: Widget) -> None:
+        self._widget = widget
+        self._styles: dict[str, Style] = {}
+
+    def __call__(self, tone: str) -> Style:
+        style = self._styles.get(tone)
+        if style is None:
+            # The full component style has translucent colours ($text-muted) blended already; keep
+            # only its foreground and text style so the row's own background (cursor, stripes) shows.
+            full = self._widget.get_component_rich_style(f"tone--{tone}")
+            style = Style(color=full.color, bold=full.bold, italic=full.italic, underline=full.underline)
+            self._styles[tone] = style
+        return style
+
+    def clear(self) -> None:
+        """Forget the styles (the theme or the CSS changed)."""
+        self._styles = {}
 
 
 class ToneText:
@@ -105,7 +130,7 @@ class FleetTable(DataTable[ToneText]):
         self._specs = tuple(columns)
         self._rows: list[Row] = []
         self._flex_width = -1
-        self._tone_styles: dict[str, Style] = {}
+        self._tones = ToneStyles(self)
 
     @property
     def keys(self) -> list[str]:
@@ -126,7 +151,7 @@ class FleetTable(DataTable[ToneText]):
 
     def segments(self, spans: Cell, width: int, *, right: bool = False) -> list[Segment]:
         """A cell's toned runs painted ``width`` cells wide (see :func:`paint`)."""
-        return paint(spans, width, self._tone_style, right=right)
+        return paint(spans, width, self._tones, right=right)
 
     def sync(self, rows: Sequence[Row]) -> None:
         """Show these rows (unique keys, in this order), touching only what changed."""
@@ -167,18 +192,8 @@ class FleetTable(DataTable[ToneText]):
             if index != self.cursor_row:
                 self.move_cursor(row=index, animate=False)
 
-    def _tone_style(self, tone: str) -> Style:
-        style = self._tone_styles.get(tone)
-        if style is None:
-            # The full component style has translucent colours ($text-muted) blended already; keep
-            # only its foreground and text style so the row's own background (cursor, stripes) shows.
-            full = self.get_component_rich_style(f"tone--{tone}")
-            style = Style(color=full.color, bold=full.bold, italic=full.italic, underline=full.underline)
-            self._tone_styles[tone] = style
-        return style
-
     def notify_style_update(self) -> None:
-        self._tone_styles = {}
+        self._tones.clear()
         super().notify_style_update()
 
     def _cells(self, key: str, cells: tuple[Cell, ...]) -> list[ToneText]:

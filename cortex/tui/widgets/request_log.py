@@ -16,14 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rich.style import Style
 from textual import events
 from textual.geometry import Size
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from cortex.tui.render import Cell, ColumnSpec, Row
-from cortex.tui.widgets.fleet_table import TONES, paint
+from cortex.tui.widgets.fleet_table import TONES, ToneStyles, paint
 
 __all__ = ["RequestLog"]
 
@@ -43,7 +42,7 @@ class RequestLog(ScrollView, can_focus=False):
         self._widths: tuple[int, ...] = ()
         self._lines: dict[tuple[Cell, ...], Strip] = {}
         self._header: Strip | None = None
-        self._tone_styles: dict[str, Style] = {}
+        self._tones = ToneStyles(self)
 
     # -- the surface the dashboard and the tests use ---------------------------------------------------
 
@@ -109,26 +108,18 @@ class RequestLog(ScrollView, can_focus=False):
         base = self.rich_style
         segments = []
         for spec, cell, cols in zip(self._specs, cells, self._widths, strict=True):
-            segments.extend(paint(cell, cols, self._tone_style, right=spec.right))
+            segments.extend(paint(cell, cols, self._tones, right=spec.right))
         return Strip(segments).adjust_cell_length(width).apply_style(base)
 
     def _paint_header(self, width: int) -> Strip:
         style = self.get_component_rich_style("request-log--header")
         segments = []
         for spec, cols in zip(self._specs, self._widths, strict=True):
-            segments.extend(paint(((spec.label, ""),), cols, self._tone_style, right=spec.right))
+            segments.extend(paint(((spec.label, ""),), cols, self._tones, right=spec.right))
         return Strip(segments).adjust_cell_length(width).apply_style(style)
 
-    def _tone_style(self, tone: str) -> Style:
-        style = self._tone_styles.get(tone)
-        if style is None:
-            full = self.get_component_rich_style(f"tone--{tone}")
-            style = Style(color=full.color, bold=full.bold, italic=full.italic, underline=full.underline)
-            self._tone_styles[tone] = style
-        return style
-
     def notify_style_update(self) -> None:
-        self._tone_styles = {}
+        self._tones.clear()
         self._lines = {}
         self._header = None
         super().notify_style_update()
