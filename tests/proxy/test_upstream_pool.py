@@ -68,9 +68,25 @@ async def pool() -> AsyncIterator[UpstreamPool]:
     p.close()
 
 
-async def raw_server(on_conn: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> Any:
+OnConn = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def raw_server(on_conn: OnConn) -> tuple[asyncio.Server, str]:
+    """A raw TCP server on loopback and its base URL."""
     server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
-    return server
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+def answer_then_close(answer: bytes) -> OnConn:
+    """A node that reads one request, writes ``answer`` (raw bytes) and closes the connection."""
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    return on_conn
 
 
 async def read_request(reader: asyncio.StreamReader) -> bytes:
@@ -146,19 +162,12 @@ async def test_streams_chunks_as_they_come(serve: Any, pool: UpstreamPool) -> No
 
 
 async def test_a_body_delimited_by_close(pool: UpstreamPool) -> None:
-    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
-        await writer.drain()
-        writer.close()
-
-    server = await raw_server(on_conn)
-    port = server.sockets[0].getsockname()[1]
+    server, url = await raw_server(answer_then_close(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it"))
     async with server:
-        resp = await pool.post(f"http://127.0.0.1:{port}", "/x", b"{}", {})
+        resp = await pool.post(url, "/x", b"{}", {})
         assert resp.status == 200
         assert await resp.read() == b"all of it"
-        assert pool.idle_count(f"http://127.0.0.1:{port}") == 0
+        assert pool.idle_count(url) == 0
 
 
 async def test_an_idle_connection_the_node_closed_is_retried_on_a_new_one(pool: UpstreamPool) -> None:
@@ -175,8 +184,7 @@ async def test_an_idle_connection_the_node_closed_is_retried_on_a_new_one(pool: 
         await read_request(reader)
         writer.close()
 
-    server = await raw_server(on_conn)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server, url = await raw_server(on_conn)
     async with server:
         for _ in range(3):
             resp = await pool.post(url, "/x", b"{}", {})
@@ -185,28 +193,18 @@ async def test_an_idle_connection_the_node_closed_is_retried_on_a_new_one(pool: 
 
 
 async def test_a_node_that_closes_mid_answer_fails_the_read(pool: UpstreamPool) -> None:
-    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
-        await writer.drain()
-        writer.close()
-
-    server = await raw_server(on_conn)
+    server, url = await raw_server(answer_then_close(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"))
     async with server:
-        resp = await pool.post(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "/x", b"{}", {})
+        resp = await pool.post(url, "/x", b"{}", {})
         with pytest.raises(aiohttp.ClientPayloadError):
             await resp.read()
 
 
 async def test_a_node_that_closes_before_answering_is_a_disconnect(pool: UpstreamPool) -> None:
-    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.close()
-
-    server = await raw_server(on_conn)
+    server, url = await raw_server(answer_then_close(b""))
     async with server:
         with pytest.raises(aiohttp.ServerDisconnectedError):
-            await pool.post(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "/x", b"{}", {})
+            await pool.post(url, "/x", b"{}", {})
 
 
 async def test_garbage_is_a_payload_error(pool: UpstreamPool) -> None:
@@ -216,10 +214,10 @@ async def test_garbage_is_a_payload_error(pool: UpstreamPool) -> None:
         await writer.drain()
         await reader.read()
 
-    server = await raw_server(on_conn)
+    server, url = await raw_server(on_conn)
     async with server:
         with pytest.raises(aiohttp.ClientPayloadError, match="malformed"):
-            await pool.post(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "/x", b"{}", {})
+            await pool.post(url, "/x", b"{}", {})
 
 
 async def test_unasked_bytes_on_an_idle_connection_drop_it(pool: UpstreamPool) -> None:
@@ -233,8 +231,7 @@ async def test_unasked_bytes_on_an_idle_connection_drop_it(pool: UpstreamPool) -
             writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")  # unasked
             await writer.drain()
 
-    server = await raw_server(on_conn)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server, url = await raw_server(on_conn)
     async with server:
         resp = await pool.post(url, "/x", b"{}", {})
         assert await resp.read() == b"ok"
