@@ -216,22 +216,33 @@ class UsageTail:
     kept whole), so a usage object split over two reads is always complete in the tail.
     """
 
-    __slots__ = ("_chunks", "_size")
+    __slots__ = ("_chunks", "_found", "_size")
     LIMIT = 65536
     _WS = b" \t\r\n"
 
     def __init__(self) -> None:
         self._chunks: deque[bytes] = deque()
         self._size = 0
+        self._found: tuple[dict[str, Any] | None] | None = None
 
     def add(self, chunk: bytes) -> None:
+        self._found = None
         self._chunks.append(chunk)
         self._size += len(chunk)
         while len(self._chunks) > 1 and self._size - len(self._chunks[0]) >= self.LIMIT:
             self._size -= len(self._chunks.popleft())
 
     def usage(self) -> dict[str, Any] | None:
-        """The object of the stream's last ``"usage"`` key, or None (absent, ``null`` or unreadable)."""
+        """The object of the stream's last ``"usage"`` key, or None (absent, ``null`` or unreadable).
+
+        Found once per state of the tail: asking again before the next :meth:`add` costs nothing (the
+        ``include_usage`` path asks when it writes the usage chunk, and again for the metrics).
+        """
+        if self._found is None:
+            self._found = (self._scan(),)
+        return self._found[0]
+
+    def _scan(self) -> dict[str, Any] | None:
         blob = self._chunks[-1] if len(self._chunks) == 1 else b"".join(self._chunks)
         idx = blob.rfind(b'"usage"')
         if idx < 0:

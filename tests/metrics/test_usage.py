@@ -167,3 +167,14 @@ async def test_huge_tool_call_stream_through_the_gateway(fleet: FleetFactory, mo
     assert m.value("cortex_completion_tokens_total", model="m1", node="a", api="openai") == seen[0]["completion_tokens"]
     record = f.engine.metrics.recent()[0]
     assert (record.prompt_tokens, record.completion_tokens) == (seen[0]["prompt_tokens"], seen[0]["completion_tokens"])
+
+
+def test_usage_is_found_once_per_state_of_the_tail() -> None:
+    body = mistralrs_stream()
+    tail = feed([body])
+    first = tail.usage()
+    assert first == USAGE
+    assert tail.usage() is first  # asked again (include_usage, then the metrics): no second scan
+    later = {**USAGE, "completion_tokens": 1}
+    tail.add(b'data: {"choices":[],"usage":' + orjson.dumps(later) + b"}\n\n")
+    assert tail.usage() == later  # a new chunk: scanned again
