@@ -168,7 +168,7 @@ class NodeSettings(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     """Unique node name (letters, digits, `.`, `_`, `-`)."""
     endpoint: str
-    """Base URL of the node's mistralrs server."""
+    """Base URL of the node's mistralrs server (``https://`` is verified against the system trust store)."""
     vram_mb: int = Field(gt=0)
     """GPU memory of the node in MiB."""
     pinned: list[str] = Field(default_factory=list)

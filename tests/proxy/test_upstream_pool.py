@@ -7,11 +7,13 @@ aiohttp servers for well-formed HTTP; small raw asyncio servers where a node mis
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import web
 
 from cortex.engine.upstream import HIGH_WATER, UpstreamPool
@@ -336,3 +338,40 @@ async def test_warm_opens_idle_connections_that_requests_then_use(serve: Any, po
     assert await asyncio.gather(*(one() for _ in range(5))) == [b"ok"] * 5
     assert len(set(server.peers)) == 5
     assert pool.idle_count(server.url) == 5
+
+
+async def test_https_endpoint_verifies_the_node_certificate(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, pool: UpstreamPool
+) -> None:
+    """An ``https://`` node: TLS with the system's trust store (here a test CA through ``SSL_CERT_FILE``)."""
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text=f"secure={request.secure}")
+
+    app = web.Application()
+    app.router.add_post("/v1/x", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        # untrusted CA: refused
+        with pytest.raises(aiohttp.ClientConnectionError, match="cannot connect"):
+            await pool.post(f"https://127.0.0.1:{port}", "/v1/x", b"{}", {})
+        # trusted (the way an operator adds a CA: SSL_CERT_FILE, as for aiohttp and curl)
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+        fresh = UpstreamPool(connect_timeout_s=2.0)
+        try:
+            resp = await fresh.post(f"https://127.0.0.1:{port}", "/v1/x", b"{}", {})
+            assert resp.status == 200
+            assert await resp.read() == b"secure=True"
+        finally:
+            fresh.close()
+    finally:
+        await runner.cleanup()
