@@ -316,3 +316,12 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return quantile(values, 0.5)
+
+
+def save_results(path: Path | None, result: dict[str, Any]) -> None:
+    """Write a benchmark's results as indented JSON (when a path was given) and say where."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results written to {path}")

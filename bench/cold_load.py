@@ -53,6 +53,7 @@ from benchlib import (
     http,
     median,
     raise_nofile,
+    save_results,
     term_on_sigterm,
     wait_for,
 )
@@ -397,10 +398,7 @@ def main() -> int:
     for name, chk in result["checks"].items():
         detail = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in chk.items() if k != "met"}
         print(f"  {'MET ' if chk['met'] else 'MISS'} {name}: {detail}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"results written to {args.out}")
+    save_results(args.out, result)
     return 0
 
 

@@ -58,6 +58,7 @@ from benchlib import (
     median,
     quantile,
     raise_nofile,
+    save_results,
     sim_argv,
     term_on_sigterm,
     wait_for,
@@ -541,9 +542,7 @@ def main() -> int:
         print("no complete round: nothing to compare")
     print(f"\nwall time {result['meta']['wall_s']:.0f} s")
     with contextlib.suppress(OSError):
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"results written to {args.out}")
+        save_results(args.out, result)
     return 0
 
 
