@@ -112,8 +112,7 @@ async def send(
         t0 = time.monotonic()
         failure: str
         try:
-            async with asyncio.timeout(timeout_s):
-                resp = await upstream.post(node.client.endpoint, path, body, headers)
+            resp = await upstream.post(node.client.endpoint, path, body, headers, timeout_s=timeout_s)
         except TimeoutError:
             failure = f"no first byte from {node.name} within {timeout_s:g} s"
             info: NodeErrorInfo | None = None

@@ -375,3 +375,26 @@ async def test_https_endpoint_verifies_the_node_certificate(
             fresh.close()
     finally:
         await runner.cleanup()
+
+
+async def test_timeout_bounds_the_wait_for_the_answer_head(serve: Any, pool: UpstreamPool) -> None:
+    release = asyncio.Event()
+
+    async def slow_head(request: web.Request) -> web.Response:
+        if request.path == "/slow":
+            await release.wait()
+        return web.Response(text="ok")
+
+    server = await serve(slow_head)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await pool.post(server.url, "/slow", b"", {}, timeout_s=0.2)
+    assert 0.15 <= loop.time() - started < 1.5
+    assert pool.idle_count(server.url) == 0, "a connection with an answer still owed is dropped"
+    release.set()
+    resp = await pool.post(server.url, "/fast", b"", {}, timeout_s=2.0)
+    assert await resp.read() == b"ok"
+    # answered in time: the timer is gone and cannot fire on the connection's next request
+    await asyncio.sleep(0.01)
+    assert pool.idle_count(server.url) == 1
