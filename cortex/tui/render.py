@@ -295,9 +295,8 @@ def request_cells(rec: RequestRecord, tz: dt.tzinfo | None) -> tuple[Cell, ...]:
 def request_rows(requests: Sequence[RequestRecord], tz: dt.tzinfo | None, *, needle: str = "") -> list[Row]:
     """The request log, newest first, bounded, filtered by model or node like the tables.
 
-    Rows are keyed by position, not by request: a new request shifts every row down, and rewriting the
-    cells of a fixed set of rows costs the table a repaint, where removing and adding rows costs it a
-    whole-screen layout each time.
+    Rows are keyed by position (``r0`` is the newest): the log keeps each painted line by its cells, not
+    by its key (:mod:`cortex.tui.widgets.request_log`).
     """
     needle = needle.lower()
     rows: list[Row] = []

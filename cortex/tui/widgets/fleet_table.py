@@ -2,10 +2,10 @@
 
 The console redraws several times a second in the loop that also streams tokens, and every DataTable
 change makes it re-render its visible cells, so a redraw must change as little as possible:
-:meth:`FleetTable.sync` matches rows by identity (node name, model id, request), removes the gone, adds the
-new, calls ``update_cell`` only where a cell differs and re-sorts only when the order changed. A new
-request in the log is one ``add_row``, one ``remove_row`` and one ``sort``, not a rewrite of the log. The
-cursor follows the selected row's identity.
+:meth:`FleetTable.sync` matches rows by identity (node name, model id), removes the gone, adds the new,
+calls ``update_cell`` only where a cell differs and re-sorts only when the order changed. The cursor
+follows the selected row's identity. (The request log, whose rows are mostly new at every redraw, is not a
+DataTable: :mod:`cortex.tui.widgets.request_log`.)
 
 Cells arrive as toned runs (:mod:`cortex.tui.render`). They are styled lazily, at paint time, through the
 ``tone--*`` component classes, so a theme change restyles every cell without a resync, and
@@ -27,7 +27,7 @@ from textual.widgets import DataTable
 
 from cortex.tui.render import Cell, ColumnSpec, Row
 
-__all__ = ["TONES", "FleetTable", "ToneStyles", "ToneText", "paint"]
+__all__ = ["TONES", "FleetTable", "ToneStyles", "ToneText", "column_widths", "paint"]
 
 TONES = ("success", "warning", "error", "muted", "accent")
 """Tones a cell may use; each is a component class ``tone--<name>``."""
@@ -60,6 +60,15 @@ def paint(spans: Cell, width: int, style_of: Callable[[str], Style], *, right: b
         else:
             out.append(pad)
     return out
+
+
+def column_widths(specs: Sequence[ColumnSpec], width: int) -> tuple[int, ...]:
+    """Each column's width in cells (its one-cell gap included) when the table is ``width`` wide.
+
+    The flex column takes what the fixed ones leave, but never less than its own width.
+    """
+    fixed = sum(spec.width + 1 for spec in specs if not spec.flex)
+    return tuple((max(spec.width, width - fixed - 1) if spec.flex else spec.width) + 1 for spec in specs)
 
 
 class ToneStyles:
@@ -112,21 +121,13 @@ class FleetTable(DataTable[ToneText]):
     FleetTable { height: auto; }
     """
 
-    def __init__(
-        self,
-        columns: Sequence[ColumnSpec],
-        *,
-        cursor: bool = True,
-        id: str | None = None,  # noqa: A002 - textual's name for it
-    ) -> None:
+    def __init__(self, columns: Sequence[ColumnSpec], *, id: str | None = None) -> None:  # noqa: A002
         super().__init__(
             id=id,
             cursor_type="row",
-            show_cursor=cursor,
             cell_padding=0,
             cursor_foreground_priority="renderable",  # a red "down" stays red under the cursor
         )
-        self.can_focus = cursor
         self._specs = tuple(columns)
         self._rows: list[Row] = []
         self._flex_width = -1
@@ -162,7 +163,7 @@ class FleetTable(DataTable[ToneText]):
         old = dict(self._rows)
         wanted = [key for key, _ in rows]
         if len(old.keys() - set(wanted)) * 2 > max(len(old), 1):
-            # Mostly new rows (a busy request log): one rebuild costs less than a remove and an add each.
+            # Mostly new rows (a filter typed or cleared): one rebuild costs less than a remove and an add each.
             self.clear()
             for key, cells in rows:
                 self.add_row(*self._cells(key, cells), key=key)
@@ -200,13 +201,11 @@ class FleetTable(DataTable[ToneText]):
         return [ToneText(self, key, c, right=spec.right) for spec, c in zip(self._specs, cells, strict=True)]
 
     def _build(self, width: int) -> None:
-        fixed = sum(spec.width + 1 for spec in self._specs if not spec.flex)
         self._flex_width = width
         self.clear(columns=True)
-        for spec in self._specs:
-            cols = max(spec.width, width - fixed - 1) if spec.flex else spec.width
+        for spec, cols in zip(self._specs, column_widths(self._specs, width), strict=True):
             label = Text(" " + spec.label, justify="right" if spec.right else "left", no_wrap=True)
-            self.add_column(label, width=cols + 1, key=spec.key)
+            self.add_column(label, width=cols, key=spec.key)
         rows, self._rows = self._rows, []
         self.sync(rows)
 

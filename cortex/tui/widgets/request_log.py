@@ -22,7 +22,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from cortex.tui.render import Cell, ColumnSpec, Row
-from cortex.tui.widgets.fleet_table import TONES, ToneStyles, paint
+from cortex.tui.widgets.fleet_table import TONES, ToneStyles, column_widths, paint
 
 __all__ = ["RequestLog"]
 
@@ -40,6 +40,7 @@ class RequestLog(ScrollView, can_focus=False):
         self._specs = tuple(columns)
         self._rows: list[Row] = []
         self._widths: tuple[int, ...] = ()
+        self._laid_out_for = -1
         self._lines: dict[tuple[Cell, ...], Strip] = {}
         self._header: Strip | None = None
         self._tones = ToneStyles(self)
@@ -49,11 +50,6 @@ class RequestLog(ScrollView, can_focus=False):
     @property
     def row_count(self) -> int:
         return len(self._rows)
-
-    @property
-    def keys(self) -> list[str]:
-        """The identity of each row, in display order."""
-        return [key for key, _ in self._rows]
 
     def cell_text(self, row: int, column: str) -> str:
         """The plain text of a cell."""
@@ -75,7 +71,7 @@ class RequestLog(ScrollView, can_focus=False):
 
     def render_line(self, y: int) -> Strip:
         width = self.size.width
-        if not self._widths or sum(self._widths) != self._total_for(width):
+        if width != self._laid_out_for:
             self._layout(width)
         if y == 0:
             if self._header is None:
@@ -90,17 +86,10 @@ class RequestLog(ScrollView, can_focus=False):
             line = self._lines[cells] = self._paint_row(cells, width)
         return line
 
-    def _total_for(self, width: int) -> int:
-        fixed = sum(spec.width + 1 for spec in self._specs if not spec.flex)
-        flex = sum(max(spec.width, width - 2 - fixed - 1) + 1 for spec in self._specs if spec.flex)
-        return fixed + flex
-
     def _layout(self, width: int) -> None:
         """Column widths for ``width`` (as the fleet tables: two cells kept for a scroll bar)."""
-        fixed = sum(spec.width + 1 for spec in self._specs if not spec.flex)
-        self._widths = tuple(
-            (max(spec.width, width - 2 - fixed - 1) if spec.flex else spec.width) + 1 for spec in self._specs
-        )
+        self._widths = column_widths(self._specs, max(0, width - 2))
+        self._laid_out_for = width
         self._lines = {}
         self._header = None
 
@@ -126,5 +115,4 @@ class RequestLog(ScrollView, can_focus=False):
 
     def on_resize(self, event: events.Resize) -> None:
         self.virtual_size = Size(event.size.width, len(self._rows) + 1)
-        self._layout(event.size.width)
-        self.refresh()
+        self.refresh()  # the next line drawn lays the columns out for the new width
