@@ -138,15 +138,17 @@ class UpstreamResponse:
             parts.append(data)
         return b"".join(parts)
 
-    def release(self) -> None:
-        """Done with the answer: an unfinished one closes its connection (it cannot be reused)."""
+    def close(self) -> None:
+        """Drop the answer: an unfinished one closes its connection, which cannot be reused.
+
+        A pending read then raises ``ClientConnectionError``. A finished answer's connection is already
+        back in the pool.
+        """
         if self._conn is not None:
             self._conn.abort()
 
-    def close(self) -> None:
-        """Drop the answer and its connection; a pending read raises ``ClientConnectionError``."""
-        if self._conn is not None:
-            self._conn.abort()
+    release = close
+    """Done with the answer (aiohttp's name; the same as :meth:`close`)."""
 
 
 class _Conn(asyncio.Protocol):
