@@ -178,14 +178,7 @@ class Proc:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(5)
-        for _ in range(50):
-            left = group_members(self.popen.pid)
-            if not left:
-                break
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
+        kill_group(self.popen.pid)
         self._log.close()
 
     def tail(self, lines: int = 25) -> str:
@@ -218,6 +211,18 @@ class Procs:
                 sys.stderr.write(f"--- last lines of {proc.name} ({proc.log_path}):\n{proc.tail()}\n")
         for proc in reversed(self.items):
             proc.stop()
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL whatever is left of a process group (children a stopped process left behind), for up to 5 s."""
+    for _ in range(50):
+        left = group_members(pgid)
+        if not left:
+            return
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
 
 
 def http(method: str, url: str, body: Any = None, timeout: float = 5.0) -> tuple[int, bytes]:

@@ -118,7 +118,7 @@ async def queued_round(
     )
     await asyncio.sleep(0.1)
     on_wire = (
-        released(wire.since(), wire.port, b"/v1/models/reload", b'"loaded"', b"/v1/chat/completions")
+        released(wire.captured(), wire.port, b"/v1/models/reload", b'"loaded"', b"/v1/chat/completions")
         if wire is not None
         else {"loaded_seen": False, "sends_ms": []}
     )

@@ -53,8 +53,8 @@ from benchlib import (
     cortex_models_state,
     cpu_seconds,
     free_port,
-    group_members,
     http,
+    kill_group,
     median,
     quantile,
     raise_nofile,
@@ -179,14 +179,7 @@ class PtyCortex:
                     self.exit_how = sig.name
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.popen.wait(wait_s)
-            for _ in range(50):
-                left = group_members(self.popen.pid)
-                if not left:
-                    break
-                for pid in left:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                time.sleep(0.1)
+            kill_group(self.popen.pid)
         finally:
             with contextlib.suppress(OSError):
                 os.close(self.master)

@@ -65,10 +65,10 @@ class WireTap:
     def __exit__(self, *exc: object) -> None:
         self._sock.close()
 
-    def since(self, at_or_before: float = 0.0) -> list[Packet]:
-        """The packets captured so far (read from the socket now)."""
+    def captured(self) -> list[Packet]:
+        """The packets captured since the last :meth:`clear` (read from the socket now)."""
         self._drain()
-        return [p for p in self.packets if p.at >= at_or_before]
+        return list(self.packets)
 
     def clear(self) -> None:
         """Forget every packet so far, and the drop count."""
