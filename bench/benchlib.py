@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -320,7 +321,10 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 
 def median(values: Sequence[float]) -> float:
-    return quantile(values, 0.5)
+    """The median (the mean of the middle two for an even count; NaN when empty)."""
+    if not values:
+        return float("nan")
+    return statistics.median(values)
 
 
 def save_results(path: Path | None, result: dict[str, Any]) -> None:

@@ -56,7 +56,6 @@ from benchlib import (
     http,
     kill_group,
     median,
-    quantile,
     raise_nofile,
     save_results,
     sim_argv,
@@ -534,7 +533,7 @@ def main() -> int:
     if "summary" in result:
         print(table(result["summary"]))
         busy = [s["machine_busy_cores"] for s in starts if s["machine_busy_cores"] is not None]
-        print(f"machine busy during the loads: median {quantile(busy, 0.5):.2f} of {os.cpu_count()} cores")
+        print(f"machine busy during the loads: median {median(busy):.2f} of {os.cpu_count()} cores")
     else:
         print("no complete round: nothing to compare")
     print(f"\nwall time {result['meta']['wall_s']:.0f} s")
