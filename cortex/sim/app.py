@@ -135,6 +135,8 @@ def _failure_response(failure: InjectedFailure) -> web.Response:
 def _middleware(node: SimNode) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not node.awake.is_set():
+            await node.awake.wait()  # a hung node: the connection is accepted, nothing answers
         arrived = time.monotonic()
         path = request.path
         resource = request.match_info.route.resource

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -68,6 +68,24 @@ class _Slot:
     model: SimModel
     state: SlotState
     engine: Engine | None = None
+    allocated: int = 0
+    """MiB a load in progress has allocated so far (weights arrive in steps, as from disk)."""
+
+
+LOAD_STEPS = 4
+"""A load allocates its weights in this many steps over ``load_s``; an allocation that does not fit fails it."""
+
+
+def oom_message(model_id: str, want_mb: int, free_mb: int) -> str:
+    """The error of a load that ran out of device memory, shaped like candle's CUDA driver error."""
+    return (
+        f"Failed to load model: CUDA out of memory: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\") "
+        f"while allocating {want_mb} MiB for {model_id} ({free_mb} MiB free)"
+    )
+
+
+async def _awake() -> None:
+    return None
 
 
 @dataclass
@@ -89,6 +107,10 @@ class ModelTable:
     freeing: list[_Freeing] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
     clock: Callable[[], float] = time.monotonic
+    capacity_mb: Callable[[], int | None] = lambda: None
+    """MiB of device memory weights may use (device total less the base use); None: unlimited."""
+    gate: Callable[[], Awaitable[None]] = _awake
+    """Awaited at every load step: a hung (stopped) node's loads stop too."""
 
     @classmethod
     def from_models(cls, models: Sequence[SimModel]) -> ModelTable:
@@ -137,7 +159,9 @@ class ModelTable:
         """Weights held now: loaded and loading models, plus unloads whose memory is not yet freed."""
         now = self.clock()
         self.freeing = [f for f in self.freeing if f.until > now]
-        held = sum(s.model.vram_mb for s in self.slots.values() if s.state != "unloaded")
+        held = sum(
+            s.model.vram_mb if s.state == "loaded" else s.allocated for s in self.slots.values() if s.state != "unloaded"
+        )
         return held + sum(f.mb for f in self.freeing)
 
     def not_available(self, model_id: str, status: int) -> SimError:
@@ -217,14 +241,32 @@ class ModelTable:
         return slot.engine
 
     async def _load(self, slot: _Slot, load_s: float) -> str | None:
-        """Load an unloaded slot; the weights count as used from the start. Returns an error or None."""
+        """Load an unloaded slot in :data:`LOAD_STEPS` allocations. Returns an error or None.
+
+        Each step allocates a share of the weights; a step that would take the device past its capacity fails
+        the load with a CUDA out-of-memory error and frees what it had. So a load that does not fit fails,
+        and two loads that fit one at a time but not together overcommit the device and one of them fails,
+        as on a real GPU.
+        """
         mid = slot.model.id
         self.reloading[mid] = None
         slot.state = "loading"
+        slot.allocated = 0
         ok = False
         try:
-            if load_s > 0:
-                await asyncio.sleep(load_s)
+            size = slot.model.vram_mb
+            for step in range(LOAD_STEPS):
+                await self.gate()
+                if load_s > 0:
+                    await asyncio.sleep(load_s / LOAD_STEPS)
+                await self.gate()
+                share = size * (step + 1) // LOAD_STEPS - slot.allocated
+                capacity = self.capacity_mb()
+                if capacity is not None:
+                    free = capacity - self.used_vram_mb()
+                    if share > free:
+                        return oom_message(mid, size - slot.allocated, max(0, free))
+                slot.allocated += share
             failure = self.load_failures.get(mid)
             if failure is not None:
                 return f"Failed to load model: {failure}"
@@ -232,18 +274,20 @@ class ModelTable:
         finally:
             self.reloading.pop(mid, None)
             slot.state = "loaded" if ok else "unloaded"
+            slot.allocated = 0
             if ok:
                 slot.engine = Engine(mid)
         return None
 
-    def reset_loaded(self) -> None:
-        """A process restart: every configured model loaded, the reloading set and default reset."""
+    def reset_loaded(self, *, loaded: bool = True) -> None:
+        """A process restart: every configured model loaded (or none), the reloading set and default reset."""
         for slot in self.slots.values():
             if slot.engine is not None:
                 slot.engine.terminated.set()
-            slot.state = "loaded"
-            slot.engine = Engine(slot.model.id)
+            slot.state = "loaded" if loaded else "unloaded"
+            slot.engine = Engine(slot.model.id) if loaded else None
+            slot.allocated = 0
         self.reloading.clear()
         self.freeing.clear()
-        self.default_id = next(iter(self.slots), None)
+        self.default_id = next(iter(self.slots), None) if loaded else None
         self.created = int(time.time())

@@ -51,6 +51,8 @@ class SimNode:
         unload_free_s: Seconds after an unload before its memory shows as free.
         max_seq_len: Context length; longer prompts fail as in mistral.rs.
         tool_style: ``mistralrs`` (whole call in the finish chunk) or ``openai`` (fragmented arguments).
+        enforce_vram: A load that does not fit in ``vram_mb`` (base use, loaded weights and other loads in
+            progress included) fails with CUDA out of memory, as on a real GPU. Off: memory is unlimited.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class SimNode:
         unload_free_s: float = 0.0,
         max_seq_len: int = 32768,
         tool_style: ToolStyle = "mistralrs",
+        enforce_vram: bool = True,
     ) -> None:
         self.name = name
         self.host = host
@@ -89,7 +92,13 @@ class SimNode:
         """Every request received, in arrival order."""
         self.running = 0
         """Generations in progress (``mistralrs_sequences_running``)."""
+        self.enforce_vram = enforce_vram
+        self.awake = asyncio.Event()
+        """Cleared by :meth:`hang`: every request and every load step waits until :meth:`resume`."""
+        self.awake.set()
         self.models = ModelTable.from_models(models)
+        self.models.capacity_mb = self._weights_capacity
+        self.models.gate = self.awake.wait
         self.script = Script()
         self.metrics = SimMetrics(lambda: float(self.running))
         self._configured_models = list(models)
@@ -126,7 +135,7 @@ class SimNode:
         if runner is not None:
             await runner.cleanup()
 
-    async def restart(self, down_s: float = 0.0) -> None:
+    async def restart(self, down_s: float = 0.0, *, unloaded: bool = False) -> None:
         """Simulate a restarted ``mistralrs`` process on the same port.
 
         The socket closes (in-flight requests die), the node stays down ``down_s`` seconds, loads every
@@ -135,14 +144,17 @@ class SimNode:
 
         Args:
             down_s: Extra seconds before the loads start.
+            unloaded: Come back fast with every model unloaded (a server started with nothing loaded, whose
+                models then lazy-load on the first request) instead of loading them all first.
         """
         await self.stop()
         if down_s > 0:
             await asyncio.sleep(down_s)
-        for _ in self._configured_models:
-            if self.load_s > 0:
-                await asyncio.sleep(self.load_s)
-        self.models.reset_loaded()
+        if not unloaded:
+            for _ in self._configured_models:
+                if self.load_s > 0:
+                    await asyncio.sleep(self.load_s)
+        self.models.reset_loaded(loaded=not unloaded)
         await self._bind(self._port)
 
     async def _bind(self, port: int) -> None:
@@ -173,6 +185,17 @@ class SimNode:
     def model_status(self, model_id: str) -> str:
         """What ``/v1/models/status`` would answer for ``model_id``."""
         return self.models.status(model_id)
+
+    def hang(self) -> None:
+        """Stop answering, like a process under SIGSTOP: the socket still accepts, nothing replies, loads pause."""
+        self.awake.clear()
+
+    def resume(self) -> None:
+        """Undo :meth:`hang`: everything that waited carries on."""
+        self.awake.set()
+
+    def _weights_capacity(self) -> int | None:
+        return self.vram_mb - self.base_vram_mb if self.enforce_vram else None
 
     def used_vram_mb(self) -> int:
         """Device memory in use now, MiB (base plus held weights)."""

@@ -160,8 +160,9 @@ async def test_system_info_memory_follows_loads_and_unloads(
     assert {"os", "kernel", "cpu", "memory", "devices", "build", "hf_cache_path"} <= info.keys()
     assert await available_mb(http, node) == 10000 - 300 - 4000
     reload = asyncio.create_task(lifecycle(http, node, "reload", BETA))
-    await asyncio.sleep(0.05)
-    assert await available_mb(http, node) == 10000 - 300 - 4000 - 2000  # counted from the start of the load
+    await asyncio.sleep(0.13)
+    # the weights arrive in steps: part of the model is held mid-load, all of it once loaded
+    assert 10000 - 300 - 4000 - 2000 < await available_mb(http, node) < 10000 - 300 - 4000
     await reload
     assert await available_mb(http, node) == 10000 - 300 - 4000 - 2000
     await lifecycle(http, node, "unload", ALPHA)
