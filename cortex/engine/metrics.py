@@ -328,7 +328,8 @@ class CortexMetrics:
         )
         self.ttft = Histogram(
             "cortex_time_to_first_token_seconds",
-            "Request accepted to first content byte forwarded",
+            "Request accepted to first content byte forwarded; streaming requests only (a non-streaming answer"
+            " arrives whole, so its time is in cortex_request_duration_seconds)",
             ["model", "node", "api"],
             buckets=_TTFT_BUCKETS,
             registry=r,
@@ -428,7 +429,9 @@ class CortexMetrics:
         """Record one finished request everywhere it counts; returns its log record."""
         children = self._labelled(o.model, o.node, o.api, o.status)
         latency = o.ended - o.started
-        ttft = None if o.first_byte is None else o.first_byte - o.started
+        # Only a stream has a first token to time: a non-streaming answer's first byte comes with its last,
+        # and counting it would pass total latency off as TTFT (in the histogram, p50 and sparklines).
+        ttft = o.first_byte - o.started if o.stream and o.first_byte is not None else None
         prompt, completion, decode = usage_figures(o)
         children.requests.inc()
         children.duration.observe(latency)
