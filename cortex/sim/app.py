@@ -23,14 +23,25 @@ from cortex.sim import frames
 from cortex.sim.admin import AdminHandlers
 from cortex.sim.bodies import BODY_KEY, BodyRejected, ParsedBody
 from cortex.sim.inference import InferenceHandlers
+from cortex.sim.media import MediaHandlers, models_with_kinds
 from cortex.sim.metrics import EXCLUDED_PATHS
 from cortex.sim.models import SimError
+from cortex.sim.responses import ResponsesHandlers
 from cortex.sim.script import InjectedFailure
 
 if TYPE_CHECKING:
     from cortex.sim.node import SimNode
 
-_INFERENCE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+_INFERENCE_ROUTES = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/images/generations",
+        "/v1/audio/speech",
+    }
+)
 _LIFECYCLE_ROUTES = frozenset({"/v1/models/unload", "/v1/models/reload", "/v1/models/status"})
 _TOO_LARGE = "request body too large"
 _WRONG_TYPE = "Expected request with `Content-Type: application/json`"
@@ -68,7 +79,7 @@ def create_app(node: SimNode) -> web.Application:
     app.router.add_get("/", admin.health)
     app.router.add_get("/health", admin.health)
     app.router.add_get("/metrics", admin.metrics)
-    app.router.add_get("/v1/models", admin.list_models)
+    app.router.add_get("/v1/models", models_with_kinds(node, admin.list_models))
     app.router.add_post("/v1/models/unload", admin.unload)
     app.router.add_post("/v1/models/reload", admin.reload)
     app.router.add_post("/v1/models/status", admin.status)
@@ -76,6 +87,15 @@ def create_app(node: SimNode) -> web.Application:
     app.router.add_post("/v1/chat/completions", inference.chat)
     app.router.add_post("/v1/completions", inference.completions)
     app.router.add_post("/v1/embeddings", inference.embeddings)
+    responses = ResponsesHandlers(node)  # a new app is a new process: stored responses do not survive it
+    app.on_cleanup.append(responses.close)
+    app.router.add_post("/v1/responses", responses.create)
+    app.router.add_get("/v1/responses/{response_id}", responses.retrieve)
+    app.router.add_delete("/v1/responses/{response_id}", responses.delete)
+    app.router.add_post("/v1/responses/{response_id}/cancel", responses.cancel)
+    media = MediaHandlers(node)
+    app.router.add_post("/v1/images/generations", media.images)
+    app.router.add_post("/v1/audio/speech", media.speech)
     return app
 
 

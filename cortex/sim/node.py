@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Literal, Self
 
@@ -53,6 +53,8 @@ class SimNode:
         tool_style: ``mistralrs`` (whole call in the finish chunk) or ``openai`` (fragmented arguments).
         enforce_vram: A load that does not fit in ``vram_mb`` (base use, loaded weights and other loads in
             progress included) fails with CUDA out of memory, as on a real GPU. Off: memory is unlimited.
+        kinds: Model id → kind (``diffusion``, ``speech``, ``text``...), as in a ``[[models]] kind`` of the
+            node's TOML; listed in ``/v1/models`` and checked by the image and speech routes.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class SimNode:
         max_seq_len: int = 32768,
         tool_style: ToolStyle = "mistralrs",
         enforce_vram: bool = True,
+        kinds: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
         self.host = host
@@ -93,6 +96,10 @@ class SimNode:
         self.running = 0
         """Generations in progress (``mistralrs_sequences_running``)."""
         self.enforce_vram = enforce_vram
+        self.kinds: dict[str, str] = dict(kinds or {})
+        """Model id → kind (see ``kinds`` above)."""
+        self.media_hold: asyncio.Event | None = None
+        """When set, image and speech answers send their first half, then wait for this event."""
         self.awake = asyncio.Event()
         """Cleared by :meth:`hang`: every request and every load step waits until :meth:`resume`."""
         self.awake.set()
