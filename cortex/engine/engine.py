@@ -22,9 +22,11 @@ import aiohttp
 
 from cortex.config import Settings
 from cortex.engine import commands as cmd
+from cortex.engine.affinity import AffinityStore, responses_path
 from cortex.engine.agents import AgentHub
 from cortex.engine.events import Event, EventBus, ModelPinChanged, NodeStatusChanged
 from cortex.engine.fleet import Fleet, NodeRec, StateStore
+from cortex.engine.kinds import ModelKinds
 from cortex.engine.lifecycle import Lease, Lifecycle, RestartResult
 from cortex.engine.metrics import CortexMetrics, RequestOutcome
 from cortex.engine.mistralrs import MistralRsClient, NodeError
@@ -45,6 +47,7 @@ class Engine:
         *,
         gateway: str | None = None,
         state_path: Path | None = None,
+        responses_file: Path | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -62,6 +65,10 @@ class Engine:
         self.ready = asyncio.Event()
         """Set once every node has been polled once (and pins/budgets reconciled where up)."""
         self._aliases: dict[str, str | None] = {}
+        self.affinity = AffinityStore(responses_file or responses_path(state_path))
+        """Which node holds each stored OpenAI response (``previous_response_id`` routing), persisted."""
+        self.kinds = ModelKinds()
+        """The model kinds nodes report (``/v1/models`` shows them)."""
 
     # -- resources ------------------------------------------------------------------------------------
 
@@ -97,6 +104,8 @@ class Engine:
         self.background(self._mark_ready())
         self.background(self._ttl_loop())
         self.background(self._agents_loop())
+        self.background(self.affinity.run())
+        self.background(self.kinds.run(self))
         return self
 
     async def __aexit__(
@@ -113,6 +122,7 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        self.affinity.flush()
         if self._upstream is not None:
             self._upstream.close()
             self._upstream = None
