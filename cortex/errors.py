@@ -11,6 +11,7 @@ __all__ = [
     "CortexError",
     "ListenError",
     "LoadFailed",
+    "ModelTooLarge",
     "NoNodeAvailable",
     "PayloadTooLarge",
     "QueueFull",
@@ -28,6 +29,8 @@ class CortexError(Exception):
     kind = "server_error"
     """OpenAI error type; the Anthropic mapping derives from ``status``."""
     retry_after: float | None = None
+    retryable = True
+    """False when asking again cannot help (clients are told ``x-should-retry: false``)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -71,6 +74,14 @@ class LoadFailed(CortexError):
     status = 503
     kind = "server_error"
     retry_after = 30.0
+
+
+class ModelTooLarge(CortexError):
+    """The model's footprint exceeds the usable VRAM of every node that lists it: it can never be placed."""
+
+    status = 503
+    kind = "server_error"
+    retryable = False
 
 
 class UpstreamError(CortexError):

@@ -73,6 +73,10 @@ class NodeRec:
         self.version = ""
         self.in_flight = 0
         self.cycles = 0
+        self.server_created: int | None = None
+        """The ``created`` stamp of the node's model list: its server's start time. A new one is a restart."""
+        self.actions = 0
+        """Loads and unloads cortex has started on this node (a load that saw this unchanged ran alone)."""
         self.load_floor: dict[str, int] = {}
         """model → the used MiB the node reported when cortex began loading it, less its victims' footprints.
 
@@ -106,6 +110,8 @@ class StateStore:
             path = Path(base) / "cortex" / "state.json"
         self.path = path
         self.footprints: dict[str, int] = {}
+        self.floors: dict[str, int] = {}
+        """Lower bounds learned from out-of-memory answers (the model needed more than was free)."""
         self.pins_added: dict[str, list[str]] = {}
         self.pins_removed: dict[str, list[str]] = {}
         self._load()
@@ -120,12 +126,18 @@ class StateStore:
             return
         if isinstance(data, dict):
             self.footprints = {str(k): int(v) for k, v in dict(data.get("footprints", {})).items()}
+            self.floors = {str(k): int(v) for k, v in dict(data.get("floors", {})).items()}
             self.pins_added = {str(k): list(v) for k, v in dict(data.get("pins_added", {})).items()}
             self.pins_removed = {str(k): list(v) for k, v in dict(data.get("pins_removed", {})).items()}
 
     def save(self) -> None:
         """Write the file atomically; failures are logged, never raised."""
-        data = {"footprints": self.footprints, "pins_added": self.pins_added, "pins_removed": self.pins_removed}
+        data = {
+            "footprints": self.footprints,
+            "floors": self.floors,
+            "pins_added": self.pins_added,
+            "pins_removed": self.pins_removed,
+        }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
@@ -197,14 +209,77 @@ class Fleet:
         return self.store.footprints.get(model_id)
 
     def learn_footprint(self, model_id: str, mb: int) -> None:
-        """Remember a measured footprint (ignored when the config gives one)."""
+        """Remember a footprint measured from a load that ran alone on its node (ignored when configured)."""
         facts = self.facts.get(model_id)
         if (facts is not None and facts.vram_mb) or mb <= 0:
             return
         if self.store.footprints.get(model_id) != mb:
             self.store.footprints[model_id] = mb
+            self.store.floors.pop(model_id, None)
             self.store.save()
             self.touch()
+
+    def learn_floor(self, model_id: str, mb: int) -> None:
+        """Remember that ``model_id`` needs more than ``mb`` MiB (a load answered out of memory with that free)."""
+        if self.footprint(model_id) is not None or mb <= self.store.floors.get(model_id, 0):
+            return
+        self.store.floors[model_id] = mb
+        self.store.save()
+        self.touch()
+
+    def floor(self, model_id: str) -> int:
+        """The learned lower bound of a model's footprint (0 when none)."""
+        return self.store.floors.get(model_id, 0)
+
+    def estimate(self, model_id: str) -> int:
+        """The best estimate of a model's footprint, for reserving and making room; never None.
+
+        The known footprint when there is one; else the larger of the lower bound learned from out-of-memory
+        answers and a conservative prior: the largest footprint known or inferred for any model on the nodes
+        that list this one. 0 only when nothing at all is known (the load then goes where memory is free and
+        an out-of-memory answer teaches the bound).
+        """
+        known = self.footprint(model_id)
+        if known is not None:
+            return known
+        prior = 0
+        for node in self.listed(model_id):
+            for slot in node.slots.values():
+                fp = self.footprint(slot.model_id)
+                if fp is not None:
+                    prior = max(prior, fp)
+            prior = max(prior, self.unknown_share(node))
+        return max(self.floor(model_id), prior)
+
+    def unknown_share(self, node: NodeRec) -> int:
+        """The reported memory not explained by known footprints, per loaded model of unknown size (MiB).
+
+        A node started with ``mistralrs from-config`` holds every model from the start and no size is known;
+        its report still says how much they hold together. The share includes the CUDA context, so it errs
+        on the large side for making room.
+        """
+        reported = self.reported_used(node)
+        if reported is None:
+            return 0
+        unknown = 0
+        known = 0
+        for slot in node.slots.values():
+            if slot.state in (SlotState.LOADED, SlotState.UNLOADING):
+                fp = self.footprint(slot.model_id)
+                if fp is None:
+                    unknown += 1
+                else:
+                    known += fp
+        if unknown == 0:
+            return 0
+        return max(0, reported - known) // unknown
+
+    def frees(self, node: NodeRec, model_id: str) -> int:
+        """What unloading ``model_id`` from ``node`` is expected to free (MiB): known, else bound or share."""
+        known = self.footprint(model_id)
+        if known is not None:
+            return known
+        return max(self.floor(model_id), self.unknown_share(node))
 
     def is_pinned(self, node: str, model_id: str) -> bool:
         """Whether a model is pinned on a node."""
@@ -244,10 +319,16 @@ class Fleet:
     # -- VRAM ----------------------------------------------------------------------------------------
 
     def estimate_used(self, node: NodeRec) -> int:
-        """Sum of the known footprints of what is (being) loaded on the node."""
+        """Known footprints of what is loaded on the node, plus what its loads in progress reserve.
+
+        A load in progress reserves its best estimate (:meth:`estimate`), never 0: concurrent cold loads
+        must see each other's memory before the device shows it.
+        """
         total = 0
         for slot in node.slots.values():
-            if slot.state in (SlotState.LOADED, SlotState.LOADING, SlotState.UNLOADING):
+            if slot.state is SlotState.LOADING:
+                total += self.estimate(slot.model_id)
+            elif slot.state in (SlotState.LOADED, SlotState.UNLOADING):
                 total += self.footprint(slot.model_id) or 0
         return total
 
@@ -271,17 +352,23 @@ class Fleet:
     def _loading_floor(self, node: NodeRec) -> int:
         if not node.load_floor:
             return 0
-        pending = sum(self.footprint(s.model_id) or 0 for s in node.slots.values() if s.state is SlotState.LOADING)
+        pending = sum(self.estimate(m) for m in node.load_floor)
         return max(node.load_floor.values()) + pending
+
+    def settled(self, node: NodeRec, model_id: str) -> None:
+        """A report read after ``model_id`` finished loading on ``node`` now shows its weights."""
+        if node.load_floor.pop(model_id, None) is not None:
+            self.touch()
 
     def begin_load(self, node: NodeRec, model_id: str, victims: tuple[str, ...]) -> None:
         """Mark ``model_id`` LOADING and its ``victims`` UNLOADING on ``node``, with no await in between."""
         reported = self.reported_used(node)
+        node.actions += 1
         self.set_slot(node, model_id, SlotState.LOADING)
         for victim in victims:
             self.set_slot(node, victim, SlotState.UNLOADING)
         if reported is not None:
-            node.load_floor[model_id] = max(0, reported - sum(self.footprint(v) or 0 for v in victims))
+            node.load_floor[model_id] = max(0, reported - sum(self.frees(node, v) for v in victims))
             self.touch()
 
     def reported_used(self, node: NodeRec) -> int | None:
@@ -300,17 +387,22 @@ class Fleet:
         if slot is None:
             slot = node.slots[model_id] = SlotRec(model_id, state, now)
             self._by_model = None
+            if by_poll and state is SlotState.LOADED:
+                slot.loaded_at = 0.0
         elif slot.state is not state:
             slot.state = state
             slot.state_since = now
         if not by_poll:
             slot.acted_at = now
         if state is SlotState.LOADED and slot.loaded_at is None:
-            slot.loaded_at = now
+            # Found loaded by a poll (at start, or loaded by someone else): no younger than anything cortex
+            # loaded, so min_resident_s does not protect it and LRU sees it as used long ago.
+            slot.loaded_at = 0.0 if by_poll else now
         elif state is not SlotState.LOADED:
             slot.loaded_at = None
-        if state is not SlotState.LOADING:
-            node.load_floor.pop(model_id, None)
+        if state not in (SlotState.LOADING, SlotState.LOADED):
+            node.load_floor.pop(model_id, None)  # a load that ended without its weights; a loaded one keeps its
+            # floor until a report read after the load (see :meth:`settled`)
         self.touch()
         return slot
 
@@ -331,6 +423,10 @@ class Fleet:
         node.last_poll = self.clock()
         if info is not None:
             node.sys_total_mb, node.sys_used_mb, node.version = info.total_mb, info.used_mb, info.version
+            for model_id in [m for m in node.load_floor if node.slots.get(m) is not None]:
+                slot = node.slots[model_id]
+                if slot.state is SlotState.LOADED and slot.state_since <= previous:
+                    del node.load_floor[model_id]  # this poll began after the load ended: it shows the weights
         for model_id, status in models.items():
             slot = node.slots.get(model_id)
             if slot is not None and slot.state in (SlotState.LOADING, SlotState.UNLOADING):
@@ -394,12 +490,14 @@ class Fleet:
         headroom = self.settings.eviction.headroom_mb
         for node in self.nodes.values():
             total, used, source = self.vram(node)
+            share = self.unknown_share(node)
             slots = tuple(
                 ModelSlot(
                     model_id=s.model_id,
                     state=s.state,
                     state_since=s.state_since,
                     vram_mb=self.footprint(s.model_id),
+                    frees_mb=self.footprint(s.model_id) or max(self.floor(s.model_id), share),
                     in_flight=s.in_flight,
                     last_used=s.last_used,
                     loaded_at=s.loaded_at,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -32,11 +33,11 @@ from cortex.engine.events import (
 from cortex.engine.fleet import Fleet, NodeRec
 from cortex.engine.metrics import CortexMetrics
 from cortex.engine.mistralrs import NodeError
-from cortex.engine.placement import Placement, place, select_victims, victim_order
+from cortex.engine.placement import Placement, evictable, place, select_victims, victim_order
 from cortex.engine.router import pick_node
 from cortex.engine.state import NodeStatus, SlotState
 from cortex.engine.upstream import UpstreamPool
-from cortex.errors import LoadFailed, NoNodeAvailable, QueueFull, QueueTimeout, UnknownModel
+from cortex.errors import LoadFailed, ModelTooLarge, NoNodeAvailable, QueueFull, QueueTimeout, UnknownModel
 
 __all__ = ["Lease", "Lifecycle", "RestartFn", "RestartResult"]
 
@@ -45,6 +46,17 @@ log = logging.getLogger(__name__)
 
 WARM_CONNECTIONS_MAX = 128
 """The most idle connections held open to a loading node for its waiting requests."""
+
+OOM_RETRIES = 3
+"""After an out-of-memory answer, evict the next victim and retry the load at most this many times per node."""
+
+_OOM_MARKERS = ("out of memory", "out_of_memory", "cuda_error_out_of_memory", "oom")
+
+
+def is_oom(error: str) -> bool:
+    """Whether a node's load error says the device ran out of memory."""
+    text = error.lower()
+    return any(marker in text for marker in _OOM_MARKERS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,17 +89,21 @@ class Lease:
         fleet.touch()
 
     def release(self, *, failed: str | None = None) -> None:
-        """End the claim (idempotent); ``failed`` counts a request failure against the node."""
+        """End the claim (idempotent); ``failed`` counts a request failure against the node.
+
+        Only failures the node caused count: when cortex itself took the model away (an unload, an eviction,
+        a restart) the broken request is cortex's doing, and the node is not marked down for it.
+        """
         if self._released:
             return
         self._released = True
         self.node.in_flight -= 1
         self.slot.in_flight -= 1
         self.slot.last_used = self.fleet.clock()
-        if failed is not None:
-            self.fleet.request_failed(self.node, failed)
-        else:
+        if failed is None:
             self.node.request_failures = 0
+        elif self.slot.state is SlotState.LOADED and not self.node.restarting:
+            self.fleet.request_failed(self.node, failed)
         self.fleet.touch()
 
 
@@ -155,8 +171,14 @@ class Lifecycle:
         self.upstream = upstream
         self.queues: dict[str, _ModelQueue] = {}
         self.defragging: set[str] = set()
-        self.load_timeout_s = max(settings.gateway.queue_timeout_s, settings.gateway.first_byte_timeout_s)
         self.memory_wait_s = 30.0
+        self.restart_timeout_s = max(
+            settings.gateway.queue_timeout_s, settings.gateway.first_byte_timeout_s, settings.gateway.load_timeout_s
+        )
+        """How long a restarted node may take to answer again (it loads every configured model first)."""
+        self.agent_alive: Callable[[str], bool] = lambda _node: restart is not None
+        """Whether the node has an agent that can restart it now (the engine wires the agent hub in)."""
+        self._reconciling: set[str] = set()
         self._changed = asyncio.Event()
         self.defrag_task: asyncio.Task[Any] | None = None
         """The last automatic defrag (tests await it)."""
@@ -192,6 +214,7 @@ class Lifecycle:
         listed = list(self.fleet.listed(model))
         if not listed:
             raise UnknownModel(f"model {model!r} is not served by any node")
+        self._check_fits_somewhere(model, listed)
         queue = self.queues.get(model)
         if queue is None:
             queue = self.queues[model] = _ModelQueue()
@@ -213,7 +236,16 @@ class Lifecycle:
                     queue.placer = self.spawn(self._placer(model, queue))
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise QueueTimeout(f"{model} was not ready within {self.settings.gateway.queue_timeout_s:g} s")
+                    why = self.explain(model)
+                    log.warning(
+                        "a request for %s waited %.0f s and gave up: %s",
+                        model,
+                        self.settings.gateway.queue_timeout_s,
+                        why,
+                    )
+                    raise QueueTimeout(
+                        f"{model} was not ready within {self.settings.gateway.queue_timeout_s:g} s ({why})"
+                    )
                 await queue.wait(min(remaining, 1.0))
                 if on_wait is not None and self.route(model, exclude) is None:
                     await on_wait(time.monotonic() - started)
@@ -227,6 +259,62 @@ class Lifecycle:
                     self.queues.pop(model, None)
             self.fleet.touch()
             self.changed()
+
+    def _check_fits_somewhere(self, model: str, listed: list[NodeRec]) -> None:
+        """Raise :class:`ModelTooLarge` when the model's known size (or lower bound) fits no listing node."""
+        need = max(self.fleet.footprint(model) or 0, self.fleet.floor(model))
+        if need <= 0:
+            return
+        headroom = self.settings.eviction.headroom_mb
+        usable = {n.name: self.fleet.vram(n)[0] - headroom for n in listed}
+        best = max(usable, key=lambda name: usable[name])
+        if need > usable[best]:
+            raise ModelTooLarge(
+                f"{model} needs {need} MiB of VRAM, more than any node that lists it can hold: the largest is "
+                f"{best} with {usable[best]} MiB usable ({headroom} MiB headroom kept)"
+            )
+
+    def explain(self, model: str) -> str:
+        """Why ``model`` is not placed right now, node by node (for the log and the queue-timeout error)."""
+        fleet = self.fleet
+        loading = fleet.loading.get(model)
+        if loading is not None:
+            return f"loading on {loading[0]} for {fleet.clock() - loading[1]:.0f} s"
+        need = fleet.estimate(model)
+        snap = fleet.snapshot()
+        now = fleet.clock()
+        parts: list[str] = []
+        for name in (n.name for n in fleet.listed(model)):
+            node = snap.node(name)
+            if node is None:
+                continue
+            if node.status is not NodeStatus.UP:
+                parts.append(f"{name} is {node.status.value}")
+                continue
+            held = []
+            for s in node.slots:
+                if s.state is not SlotState.LOADED:
+                    continue
+                if s.pinned:
+                    held.append(f"{s.model_id} pinned")
+                elif s.in_flight:
+                    held.append(f"{s.model_id} busy")
+                elif fleet.queued.get(s.model_id):
+                    held.append(f"{s.model_id} queued")
+                elif s.loaded_at is not None and now - s.loaded_at < self.min_resident_s(s.model_id):
+                    held.append(f"{s.model_id} loaded {now - s.loaded_at:.0f} s ago")
+            loads = [s.model_id for s in node.slots if s.state is SlotState.LOADING]
+            text = f"{name}: {max(0, node.vram_free_mb)} MiB free of {need or '?'} needed"
+            if loads:
+                text += f", loading {', '.join(loads)}"
+            if held:
+                text += f"; cannot evict {', '.join(held)}"
+            parts.append(text)
+        return "; ".join(parts) or "no node lists it"
+
+    def min_resident_s(self, model: str) -> float:
+        """How long a freshly loaded model is protected from eviction."""
+        return self.settings.eviction.min_resident_s
 
     def changed(self) -> None:
         """Something that may unblock a placer happened (a request ended, a poll landed)."""
@@ -245,7 +333,7 @@ class Lifecycle:
         nodes = snap.nodes if node is None else tuple(n for n in snap.nodes if n.name == node)
         return place(
             model,
-            self.fleet.footprint(model) or 0,
+            self.fleet.estimate(model),
             nodes,
             strategy=self.settings.eviction.strategy,
             priorities=self.fleet.priorities,
@@ -253,11 +341,13 @@ class Lifecycle:
             min_resident_s=self.settings.eviction.min_resident_s,
             queued=self.fleet.queued,
             exclude=exclude,
+            exact=self.fleet.footprint(model) is not None,
         )
 
     async def _placer(self, model: str, queue: _ModelQueue) -> None:
         tried: set[str] = set()
         last_error = ""
+        told = ""
         try:
             while queue.waiters > 0:
                 if self.route(model) is not None:
@@ -278,6 +368,11 @@ class Lifecycle:
                     continue
                 placement = self.plan(model, tried)
                 if placement is None:
+                    why = self.explain(model)
+                    shape = re.sub(r"\d+", "#", why)
+                    if shape != told:
+                        log.info("%s waits for room: %s", model, why)
+                        told = shape
                     await self._wait_change(1.0)
                     continue
                 node = self.fleet.nodes[placement.node]
@@ -313,9 +408,13 @@ class Lifecycle:
     async def load_on(
         self, node: NodeRec, model: str, victims: tuple[str, ...] = (), reason: str = "evict"
     ) -> str | None:
-        """Unload ``victims`` then load ``model`` on ``node``. Returns None on success, else the error.
+        """Make room on ``node`` and load ``model`` there. Returns None on success, else the error.
 
-        The target is marked LOADING and the victims UNLOADING before the first ``await``.
+        The target is marked LOADING and the victims UNLOADING before the first ``await``. Victims leave in
+        order until the node reports room for the model's estimate (the rest stay). An out-of-memory answer
+        teaches a lower bound of the model's size; then the next victim leaves and the load is retried, at
+        most :data:`OOM_RETRIES` times. The load gives up when the node goes down or the load outlives
+        ``gateway.load_timeout_s``.
         """
         fleet = self.fleet
         started_wall = fleet.clock()
@@ -325,16 +424,21 @@ class Lifecycle:
         started = time.monotonic()
         error: str | None = None
         try:
-            for victim in victims:
-                error = await self.unload_on(node, victim, reason, marked=True)
-                if error is not None:
+            error = await self._make_room(node, model, victims, reason)
+            retries = 0
+            while error is None:
+                error = await self._reload_watched(node, model)
+                if error is None or not is_oom(error) or retries >= OOM_RETRIES:
                     break
-            if error is None and victims:
-                node.cycles += 1
-                self.metrics.cycle(node.name)
-                await self._wait_memory(node, model)
-            if error is None:
-                error = await self._reload(node, model)
+                retries += 1
+                victim = self._next_victim(node, model)
+                if victim is None:
+                    error += " (nothing more can be evicted there)"
+                    break
+                log.info("%s: %s did not fit; evicting %s and retrying", node.name, model, victim)
+                fleet.set_slot(node, model, SlotState.LOADING)
+                fleet.set_slot(node, victim, SlotState.UNLOADING)
+                error = await self._make_room(node, model, (victim,), reason)
         except asyncio.CancelledError:
             fleet.set_slot(node, model, SlotState.UNLOADED)
             raise
@@ -355,16 +459,90 @@ class Lifecycle:
         self.changed()
         return error
 
-    async def _reload(self, node: NodeRec, model: str) -> str | None:
-        """Call reload only when the node says ``unloaded``; follow ``reloading`` by status polls."""
+    async def _make_room(self, node: NodeRec, model: str, victims: tuple[str, ...], reason: str) -> str | None:
+        """Unload ``victims`` (marked UNLOADING) in order, stopping once the node reports room for ``model``.
+
+        Victims not needed after all are set back to LOADED. One call that unloads anything is one eviction
+        cycle. Returns None, or the error of a failed unload.
+        """
         fleet = self.fleet
-        # Measuring the footprint needs a fresh figure before the load; a known footprint does not.
-        learn = fleet.footprint(model) is None
-        before = await self._fresh_used(node) if learn else None
+        unloaded = 0
+        for i, victim in enumerate(victims):
+            if unloaded and await self._room_for(node, model):
+                for spared in victims[i:]:
+                    fleet.set_slot(node, spared, SlotState.LOADED)
+                break
+            error = await self.unload_on(node, victim, reason, marked=True)
+            if error is not None:
+                for spared in victims[i + 1 :]:
+                    fleet.set_slot(node, spared, SlotState.LOADED)
+                return error
+            unloaded += 1
+        if unloaded:
+            node.cycles += 1
+            self.metrics.cycle(node.name)
+            await self._wait_memory(node, model)
+        return None
+
+    async def _room_for(self, node: NodeRec, model: str) -> bool:
+        """Whether the node reports room for ``model``'s estimate now (a fresh report; False without one)."""
+        used = await self._fresh_used(node)
+        if used is None:
+            return False
+        total = self.fleet.vram(node)[0]
+        return used + self.fleet.estimate(model) <= total - self.settings.eviction.headroom_mb
+
+    def _next_victim(self, node: NodeRec, model: str) -> str | None:
+        """The next model to evict from ``node`` for ``model`` after an out-of-memory answer, per the rules."""
+        snap = self.fleet.snapshot().node(node.name)
+        if snap is None:
+            return None
+        now = self.fleet.clock()
+        candidates = [
+            s
+            for s in snap.slots
+            if s.model_id != model
+            and evictable(s, now=now, min_resident_s=self.min_resident_s(s.model_id), queued=self.fleet.queued)
+        ]
+        order = victim_order(candidates, strategy=self.settings.eviction.strategy, priorities=self.fleet.priorities)
+        return order[0].model_id if order else None
+
+    async def _reload_watched(self, node: NodeRec, model: str) -> str | None:
+        """:meth:`_reload`, given up when the node goes down or the load outlives ``load_timeout_s``."""
+        timeout_s = self.settings.gateway.load_timeout_s
+        deadline = time.monotonic() + timeout_s
+        task = asyncio.ensure_future(self._reload(node, model))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if done:
+                    return task.result()
+                if node.health is NodeStatus.DOWN:
+                    return f"{node.name} went down during the load"
+                if time.monotonic() >= deadline:
+                    return f"the load did not finish within {timeout_s:g} s (gateway.load_timeout_s)"
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _reload(self, node: NodeRec, model: str) -> str | None:
+        """Call reload only when the node says ``unloaded``; follow ``reloading`` by status polls.
+
+        The footprint is learned only from a load that ran alone on its node (no other load or unload by
+        cortex there meanwhile): overlapping loads would teach their sum. An out-of-memory answer teaches a
+        lower bound instead: the model needed more than the node reported free.
+        """
+        fleet = self.fleet
+        alone = not any(s.state is SlotState.LOADING for m, s in node.slots.items() if m != model)
+        actions = node.actions
+        before = await self._fresh_used(node)
+        total = fleet.vram(node)[0]
         try:
             status = (await node.client.lifecycle("status", model)).status
             if status == "unloaded":
-                reply = await node.client.lifecycle("reload", model, timeout_s=self.load_timeout_s)
+                reply = await node.client.lifecycle("reload", model, timeout_s=self.settings.gateway.load_timeout_s)
                 status, detail = reply.status, reply.error
             else:
                 detail = ""
@@ -380,20 +558,29 @@ class Lifecycle:
                 "reloading": "the node reports it as reloading and never finished (stuck reload)",
                 "unloaded": "the node reports it unloaded after the reload",
             }
-            return messages.get(status, f"unexpected status {status!r}")
+            message = messages.get(status, f"unexpected status {status!r}")
+            if status == "internal_error" and is_oom(message) and before is not None:
+                fleet.learn_floor(model, max(0, total - before))
+            return message
         fleet.set_slot(node, model, SlotState.LOADED)
         queue = self.queues.get(model)
         if queue is not None:
             # The waiting requests go now, not after the memory poll below (which only learns the footprint;
             # requests starting meanwhile can only make it larger, never let a model overcommit a node).
             queue.wake()
+        # A fresh report after every load: until it comes, the load's floor keeps its memory counted.
         after = await self._fresh_used(node)
-        if learn and before is not None and after is not None and after > before:
-            fleet.learn_footprint(model, after - before)
+        fleet.settled(node, model)
+        if fleet.footprint(model) is None:
+            alone = alone and node.actions == actions and not any(
+                s.state in (SlotState.LOADING, SlotState.UNLOADING) for m, s in node.slots.items() if m != model
+            )
+            if alone and before is not None and after is not None and after > before:
+                fleet.learn_footprint(model, after - before)
         return None
 
     async def _await_status(self, node: NodeRec, model: str) -> str:
-        deadline = time.monotonic() + self.load_timeout_s
+        deadline = time.monotonic() + self.settings.gateway.load_timeout_s
         status = "reloading"
         while status == "reloading" and time.monotonic() < deadline:
             await asyncio.sleep(0.25)
@@ -412,11 +599,11 @@ class Lifecycle:
     async def _wait_memory(self, node: NodeRec, model: str) -> None:
         """After unloading, wait (bounded) until the node reports room for ``model``.
 
-        Room means both: the device's reported use plus the model's footprint fits the budget (the victims'
+        Room means both: the device's reported use plus the model's estimate fits the budget (the victims'
         memory is really free), and cortex's own count, which already holds this load and any other load in
         progress on the node, fits it.
         """
-        need_mb = self.fleet.footprint(model) or 0
+        need_mb = self.fleet.estimate(model)
         deadline = time.monotonic() + self.memory_wait_s
         while True:
             used = await self._fresh_used(node)
@@ -430,6 +617,26 @@ class Lifecycle:
                 return
             await asyncio.sleep(0.2)
 
+    async def not_ready(self, node: NodeRec, model: str) -> None:
+        """A node answered a request for ``model`` with "being reloaded" or "not available": re-read its state.
+
+        The node lazily loads a model it lists as unloaded (a restart cortex did not see, an outside unload);
+        concurrent requests then get a 500. The slot takes the node's word (``reloading`` is left to finish,
+        ``unloaded`` is loaded by cortex's own placer), so the request can wait in the queue instead.
+        """
+        try:
+            status = (await node.client.lifecycle("status", model)).status
+        except NodeError:
+            return
+        slot = node.slots.get(model)
+        if slot is None or slot.state in (SlotState.LOADING, SlotState.UNLOADING):
+            return
+        new = {"loaded": SlotState.LOADED, "reloading": SlotState.STUCK}.get(status, SlotState.UNLOADED)
+        if slot.state is not new:
+            self.fleet.set_slot(node, model, new)
+            log.info("%s reports %s as %s; requests for it wait for cortex to load it", node.name, model, status)
+        self.changed()
+
     async def unload_on(self, node: NodeRec, model: str, reason: str, *, marked: bool = False) -> str | None:
         """Unload a model from a node. Returns None on success, else the error."""
         fleet = self.fleet
@@ -437,6 +644,7 @@ class Lifecycle:
         previous = slot.state if slot is not None else SlotState.UNLOADED
         if not marked:
             fleet.set_slot(node, model, SlotState.UNLOADING)
+        node.actions += 1
         try:
             reply = await node.client.lifecycle("unload", model)
         except NodeError as exc:
@@ -454,12 +662,31 @@ class Lifecycle:
 
     # -- background duties ----------------------------------------------------------------------------
 
-    async def reconcile(self, node: NodeRec) -> None:
-        """Enforce the VRAM budget and the pins on a node that just came (back) up."""
-        if node.name in self.defragging:
+    async def reconcile(self, node: NodeRec, *, budget: bool = True) -> None:
+        """Enforce the VRAM budget (``budget``) and the pins on a node; one run per node at a time.
+
+        Runs when a node comes (back) up or restarted, and after any poll that finds a pinned model not
+        loaded: pins are enforced on every poll, not only when a node returns.
+        """
+        if node.name in self.defragging or node.name in self._reconciling:
             return
-        await self.enforce_budget(node, "reconcile")
-        await self.load_pins(node)
+        self._reconciling.add(node.name)
+        try:
+            if budget:
+                await self.enforce_budget(node, "reconcile")
+            await self.load_pins(node)
+        finally:
+            self._reconciling.discard(node.name)
+
+    def pins_missing(self, node: NodeRec) -> bool:
+        """Whether a model pinned on an up node is unloaded there with no load under way."""
+        if node.status is not NodeStatus.UP or node.name in self.defragging or node.name in self._reconciling:
+            return False
+        for model in self.fleet.pins.get(node.name, ()):
+            slot = node.slots.get(model)
+            if slot is not None and slot.state is SlotState.UNLOADED and model not in self.fleet.loading:
+                return True
+        return False
 
     async def enforce_budget(self, node: NodeRec, reason: str) -> None:
         """Unload unpinned, idle, unqueued models (least recently used first) while the node is over budget."""
@@ -509,7 +736,7 @@ class Lifecycle:
                 continue
             victims = select_victims(
                 snap,
-                self.fleet.footprint(model) or 0,
+                self.fleet.estimate(model),
                 strategy=self.settings.eviction.strategy,
                 priorities=self.fleet.priorities,
                 now=self.fleet.clock(),
@@ -531,7 +758,9 @@ class Lifecycle:
             if node.status is not NodeStatus.UP:
                 continue
             for slot in list(node.slots.values()):
-                idle_since = max(slot.last_used, slot.loaded_at or 0.0)
+                # state_since: a model found loaded by a poll counts as used long ago for eviction, but its
+                # idle time starts when cortex first saw it, not at the epoch.
+                idle_since = max(slot.last_used, slot.loaded_at or 0.0, slot.state_since)
                 if (
                     slot.state is SlotState.LOADED
                     and slot.in_flight == 0
@@ -544,12 +773,28 @@ class Lifecycle:
     def _maybe_defrag(self, node: NodeRec) -> None:
         after = self.settings.eviction.defrag_after_cycles
         if after > 0 and node.cycles >= after and node.name not in self.defragging:
+            if not self.agent_alive(node.name):
+                log.warning(
+                    "%s: %d eviction cycles call for a defrag restart, but it has no live agent; skipped",
+                    node.name,
+                    node.cycles,
+                )
+                node.cycles = 0
+                self.fleet.touch()
+                return
             self.defrag_task = self.spawn(self.defrag(node, reason="defrag"))
 
     async def defrag(self, node: NodeRec, *, reason: str) -> RestartResult:
-        """Drain, restart through the agent, wait for health, trim to pins and residents, reload pins."""
+        """Drain, restart through the agent, wait for health, trim to pins and residents, reload pins.
+
+        Without a live agent nothing could restart the node: that is said at once, before any drain.
+        """
         if node.name in self.defragging:
             return RestartResult(False, f"{node.name} is already restarting", ran=False)
+        if self.restart is None or not self.agent_alive(node.name):
+            message = f"no agent for {node.name}: restart skipped"
+            log.warning("%s", message)
+            return RestartResult(False, message, ran=False)
         self.defragging.add(node.name)
         fleet = self.fleet
         was_drained = node.drained
@@ -572,7 +817,7 @@ class Lifecycle:
             else:
                 node.restarting = True
                 fleet.touch()
-                result = await self.restart(node.name, self.load_timeout_s)
+                result = await self.restart(node.name, self.restart_timeout_s)
             if not result.ran:
                 log.warning("%s", result.message)
             elif result.ok:
@@ -607,11 +852,11 @@ class Lifecycle:
             self.changed()
 
     async def _wait_healthy(self, node: NodeRec) -> None:
-        deadline = time.monotonic() + self.load_timeout_s
+        deadline = time.monotonic() + self.restart_timeout_s
         while time.monotonic() < deadline:
             try:
                 await node.client.health()
                 return
             except NodeError:
                 await asyncio.sleep(0.25)
-        log.warning("%s did not come back within %.0f s after its restart", node.name, self.load_timeout_s)
+        log.warning("%s did not come back within %.0f s after its restart", node.name, self.restart_timeout_s)

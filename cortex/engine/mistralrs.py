@@ -15,7 +15,15 @@ from typing import Any
 
 import aiohttp
 
-__all__ = ["LIFECYCLE_STATUSES", "LifecycleReply", "MistralRsClient", "NodeError", "SystemInfo", "parse_models"]
+__all__ = [
+    "LIFECYCLE_STATUSES",
+    "LifecycleReply",
+    "MistralRsClient",
+    "NodeError",
+    "SystemInfo",
+    "parse_created",
+    "parse_models",
+]
 
 LIFECYCLE_STATUSES = frozenset({"loaded", "unloaded", "reloading", "not_found", "no_loader_config", "internal_error"})
 _MIB = 1024 * 1024
@@ -70,6 +78,15 @@ def parse_models(payload: Any) -> dict[str, str]:
     return out
 
 
+def parse_created(payload: Any) -> int | None:
+    """The ``created`` stamp of a model list (the server's start time, the same on every entry)."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    for entry in data if isinstance(data, list) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("created"), int):
+            return int(entry["created"])
+    return None
+
+
 def _parse_system_info(payload: Any) -> SystemInfo:
     total = used = 0
     seen = False
@@ -96,6 +113,8 @@ class MistralRsClient:
         self.endpoint = endpoint.rstrip("/")
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.created: int | None = None
+        """``created`` of the last model list read: the server's start time (a change means a restart)."""
 
     async def _get_json(self, path: str) -> Any:
         try:
@@ -118,7 +137,10 @@ class MistralRsClient:
 
     async def models(self) -> dict[str, str]:
         """Model id → status (``loaded``, ``unloaded``, ``reloading``)."""
-        return parse_models(await self._get_json("/v1/models"))
+        payload = await self._get_json("/v1/models")
+        models = parse_models(payload)
+        self.created = parse_created(payload)
+        return models
 
     async def system_info(self) -> SystemInfo | None:
         """Device memory from ``/v1/system/info``; None when the server has no such route."""

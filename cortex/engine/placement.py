@@ -63,23 +63,29 @@ def select_victims(
 ) -> tuple[ModelSlot, ...] | None:
     """The shortest prefix of the victim order that frees ``need_mb`` on ``node``.
 
+    A victim counts for what it is expected to free (:attr:`ModelSlot.frees_mb`: its footprint, else an
+    estimate from the node's report). A victim about which nothing at all is known still frees *something*:
+    when the counted ones do not reach ``need_mb``, such victims are kept in the set rather than declaring
+    the node full, and the caller re-measures after each unload and stops as soon as the node reports room.
+
     Returns:
-        () when the model already fits, the victims when some must go, None when no valid set frees enough
-        (a victim whose footprint is unknown frees nothing in this arithmetic, so it is never counted on).
+        () when the model already fits, the victims when some must go, None when no valid set can free
+        enough.
     """
     free = node.vram_free_mb
     if free >= need_mb:
         return ()
     candidates = [s for s in node.slots if evictable(s, now=now, min_resident_s=min_resident_s, queued=queued)]
     chosen: list[ModelSlot] = []
+    uncounted = False
     for slot in victim_order(candidates, strategy=strategy, priorities=priorities):
-        if not slot.vram_mb:
-            continue
         chosen.append(slot)
-        free += slot.vram_mb
+        frees = slot.vram_mb or slot.frees_mb
+        uncounted = uncounted or not frees
+        free += frees
         if free >= need_mb:
             return tuple(chosen)
-    return None
+    return tuple(chosen) if uncounted else None
 
 
 def _cost(victims: Sequence[ModelSlot], strategy: Strategy, priorities: Mapping[str, int]) -> tuple[float, ...]:
@@ -101,6 +107,7 @@ def place(
     min_resident_s: float,
     queued: Mapping[str, int],
     exclude: Collection[str] = (),
+    exact: bool = True,
 ) -> Placement | None:
     """Choose the node for a model loaded nowhere.
 
@@ -119,6 +126,9 @@ def place(
         min_resident_s: loaded models younger than this are not victims.
         queued: model id → requests waiting for it.
         exclude: nodes not to use (a load already failed there).
+        exact: whether ``need_mb`` is the model's known footprint. A load whose size is only estimated runs
+            alone on its node (no other load in progress there, before or after it starts), so that the
+            device cannot be overcommitted by two guesses and the size it takes can be measured.
 
     Returns:
         The placement, or None when no node can take the model without breaking a rule.
@@ -132,6 +142,9 @@ def place(
         if slot is None or slot.state is not SlotState.UNLOADED:
             continue
         if need_mb > node.vram_total_mb - node.headroom_mb:
+            continue
+        loading = [s for s in node.slots if s.state is SlotState.LOADING]
+        if loading and (not exact or any(s.vram_mb is None for s in loading)):
             continue
         victims = select_victims(
             node,
@@ -147,12 +160,14 @@ def place(
         if not victims:
             fits.append((-(node.vram_free_mb - need_mb), order, node))
         else:
-            evictions.append((_cost(victims, strategy, priorities), order, node, victims))
+            # a set that is only hoped to free enough (victims of unknown size) ranks after every sure one
+            sure = node.vram_free_mb + sum(v.vram_mb or v.frees_mb for v in victims) >= need_mb
+            evictions.append(((0.0 if sure else 1.0, *_cost(victims, strategy, priorities)), order, node, victims))
     if fits:
         neg_left, _, node = min(fits, key=lambda t: (t[0], t[1]))
         return Placement(node.name, (), -neg_left)
     if evictions:
         _, _, node, victims = min(evictions, key=lambda t: (t[0], t[1]))
-        freed = sum(v.vram_mb or 0 for v in victims)
+        freed = sum(v.vram_mb or v.frees_mb for v in victims)
         return Placement(node.name, tuple(v.model_id for v in victims), node.vram_free_mb + freed - need_mb)
     return None

@@ -88,6 +88,9 @@ class ModelSlot:
     """Wall-clock time of the last request routed here (0 = never)."""
     loaded_at: float | None = None
     pinned: bool = False
+    frees_mb: int = 0
+    """What unloading it is expected to free (MiB): ``vram_mb`` when known, else the learned lower bound or
+    the node's reported memory not explained by known footprints, shared among the models of unknown size."""
 
 
 @dataclass(frozen=True, slots=True)

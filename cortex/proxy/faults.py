@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["CONTEXT_OVERFLOW", "MODEL_UNAVAILABLE", "is_client_fault"]
+__all__ = ["CONTEXT_OVERFLOW", "MODEL_UNAVAILABLE", "NODE_NOT_READY", "is_client_fault"]
 
 CONTEXT_OVERFLOW = re.compile(
     r"context length|context window|maximum context|sequence length is greater than"
@@ -19,6 +19,8 @@ CONTEXT_OVERFLOW = re.compile(
 """The prompt does not fit the model (mistral.rs: "Prompt sequence length is greater than N")."""
 MODEL_UNAVAILABLE = re.compile(r"requested model .* is not available|model not found", re.IGNORECASE)
 """The node does not serve the model asked for."""
+NODE_NOT_READY = re.compile(r"is being reloaded|failed to reload model", re.IGNORECASE)
+"""The node lazily loads (or failed to lazily load) a model cortex believed loaded: the request is re-queued."""
 _CLIENT_FAULT = re.compile(
     r"deserializ|invalid|must be|must not|expected|unknown (?:field|variant)|missing field|out of range"
     r"|not supported|unsupported|cannot be|can't be|at least|at most|greater than or equal|less than"

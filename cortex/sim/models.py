@@ -159,9 +159,7 @@ class ModelTable:
         """Weights held now: loaded and loading models, plus unloads whose memory is not yet freed."""
         now = self.clock()
         self.freeing = [f for f in self.freeing if f.until > now]
-        held = sum(
-            s.model.vram_mb if s.state == "loaded" else s.allocated for s in self.slots.values() if s.state != "unloaded"
-        )
+        held = sum(s.model.vram_mb if s.state == "loaded" else s.allocated for s in self.slots.values())
         return held + sum(f.mb for f in self.freeing)
 
     def not_available(self, model_id: str, status: int) -> SimError:
@@ -290,4 +288,5 @@ class ModelTable:
         self.reloading.clear()
         self.freeing.clear()
         self.default_id = next(iter(self.slots), None) if loaded else None
-        self.created = int(time.time())
+        # the server's start time in seconds; a restart within the same second still shows as a new start
+        self.created = max(int(time.time()), self.created + 1)

@@ -795,6 +795,7 @@ async def test_defrag_keeps_a_model_requests_wait_for(tmp_path: Path) -> None:
     try:
         async with gateway(tmp_path, settings) as (eng, url), collect_events(eng) as events:
             eng.lifecycle.restart = restart
+            eng.lifecycle.agent_alive = lambda _node: True
             assert (await chat(url, "m2"))[0] == 200
             m3 = asyncio.create_task(chat(url, "m3"))  # evicts m2: one cycle, then the defrag
             await wait_until(lambda: bool(restarts), 10, "the defrag's restart")

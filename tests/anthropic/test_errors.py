@@ -133,13 +133,29 @@ async def test_prompt_too_long_is_400_in_claude_codes_wording(make_gateway: Gate
 
 
 async def unplaceable(make_gateway: GatewayFactory, **gateway: Any) -> Gateway:
-    """A gateway whose model ``huge`` is listed but can never be placed (too big for the node)."""
+    """A gateway whose model ``huge`` is listed but cannot be placed now (the pinned ``m1`` holds the room)."""
     return await make_gateway(
-        extra_models=[SimModel("huge", 4000, loaded=False)],
-        models=[ModelSettings(id="huge", vram_mb=20000, aliases=["claude-opus-*"])],
+        extra_models=[SimModel("huge", 3000, loaded=False)],
+        models=[ModelSettings(id="huge", vram_mb=3000, aliases=["claude-opus-*"])],
         vram_mb=4096,
         gateway=gateway,
     )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_model_too_large_for_every_node_is_an_immediate_503(make_gateway: GatewayFactory, stream: bool) -> None:
+    gw = await make_gateway(
+        extra_models=[SimModel("giant", 4000, loaded=False)],
+        models=[ModelSettings(id="giant", vram_mb=20000)],
+        vram_mb=4096,
+        gateway={"queue_timeout_s": 30},
+    )
+    status, body, headers = await asyncio.wait_for(post(gw, {**BODY, "model": "giant", "stream": stream}), 5)
+    assert status == 503, body
+    message = validate_error_body(body, 503, "api_error")
+    assert "20000 MiB" in message
+    assert headers["x-should-retry"] == "false"
+    assert [r for r in gw.sim.requests if r.path == "/v1/models/reload"] == []
 
 
 @pytest.mark.parametrize("stream", [False, True])

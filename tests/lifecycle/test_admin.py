@@ -311,6 +311,7 @@ async def test_cli_commands_against_a_running_gateway(
                 return RestartResult(True, "ok")
 
             eng.lifecycle.restart = restart
+            eng.lifecycle.agent_alive = lambda _node: True
             rc, out, err = await run_cli("restart", "b")
             assert rc == 0, err
             assert "restarted b" in out

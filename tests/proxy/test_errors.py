@@ -167,18 +167,40 @@ async def test_node_500_for_a_client_mistake_becomes_400(fleet: FleetFactory) ->
 
 async def test_node_500_for_a_node_failure_stays_5xx(fleet: FleetFactory) -> None:
     f = await one_node(fleet)
-    f.sim("a").fail_next("/v1/chat/completions", 500, {"message": "model `m1` is being reloaded"})
+    message = "CUDA error: an illegal memory access was encountered"
+    f.sim("a").fail_next("/v1/chat/completions", 500, {"message": message})
     status, reply, _ = await f.post("/v1/chat/completions", {"model": "m1", "messages": HI})
     assert 500 <= status < 600, reply
     error = assert_envelope(reply)
     assert error["type"] == "server_error"
-    assert "being reloaded" in error["message"]
+    assert "illegal memory access" in error["message"]
+
+
+async def test_model_too_large_for_every_node_fails_fast_naming_the_size(fleet: FleetFactory) -> None:
+    f = await fleet(
+        NodeSpec("a", [SimModel("m1", 1000), SimModel("huge", 4000, loaded=False)], vram_mb=4096),
+        NodeSpec("b", [SimModel("huge", 4000, loaded=False)], vram_mb=6144),
+        models=[ModelSettings(id="huge", vram_mb=20000)],
+        gateway={"queue_timeout_s": 30},
+    )
+    for stream in (False, True):
+        status, reply, headers = await asyncio.wait_for(
+            f.post("/v1/chat/completions", {"model": "huge", "messages": HI, "stream": stream}), 5
+        )
+        assert status == 503, reply
+        message = assert_envelope(reply)["message"]
+        assert "20000 MiB" in message
+        assert "largest is b" in message
+        assert "Retry-After" not in headers
+        assert headers["x-should-retry"] == "false"
+    for name in ("a", "b"):
+        assert [r for r in f.sim(name).requests if r.path == "/v1/models/reload"] == []
 
 
 async def test_model_no_node_can_load_is_503_with_retry_after(fleet: FleetFactory) -> None:
     f = await fleet(
-        NodeSpec("a", [SimModel("m1", 1000), SimModel("huge", 4000, loaded=False)], vram_mb=4096),
-        models=[ModelSettings(id="huge", vram_mb=20000)],
+        NodeSpec("a", [SimModel("m1", 1000), SimModel("huge", 3000, loaded=False)], vram_mb=4096, pinned=("m1",)),
+        models=[ModelSettings(id="huge", vram_mb=3000)],
         gateway={"queue_timeout_s": 0.4},
     )
     for stream in (False, True):

@@ -30,8 +30,9 @@ def slot(
     state: SlotState = SlotState.LOADED,
     in_flight: int = 0,
     pinned: bool = False,
+    frees: int = 0,
 ) -> ModelSlot:
-    """A slot; ``used`` is its last use (0 = never)."""
+    """A slot; ``used`` is its last use (0 = never); ``frees``: its estimate when ``vram`` is unknown."""
     return ModelSlot(
         model_id=model,
         state=state,
@@ -41,6 +42,7 @@ def slot(
         last_used=used,
         loaded_at=loaded_at if state is SlotState.LOADED else None,
         pinned=pinned,
+        frees_mb=vram or frees,
     )
 
 
@@ -198,8 +200,35 @@ SELECT: list[Any] = [
         "lru",
         {},
         {},
-        ("c",),
-        id="unknown-footprint-never-counted",
+        ("b", "c"),
+        id="unknown-footprint-evicted-in-order-counts-nothing",
+    ),
+    pytest.param(
+        node("n", slot("a", 3000, used=300), slot("b", None, used=100, frees=2000), used=9000),
+        1001,
+        "lru",
+        {},
+        {},
+        ("b",),
+        id="unknown-footprint-counts-its-estimate",
+    ),
+    pytest.param(
+        node("n", slot("a", 3000, used=300), slot("b", None, used=100, frees=500), used=9800),
+        1001,
+        "lru",
+        {},
+        {},
+        ("b", "a"),
+        id="estimate-too-small-takes-the-next",
+    ),
+    pytest.param(
+        node("n", slot("a", 3000, used=300, pinned=True), slot("b", 2000, used=100), used=9800),
+        5000,
+        "lru",
+        {},
+        {},
+        None,
+        id="known-victims-cannot-free-enough",
     ),
     pytest.param(
         node("n", slot("a", None, used=300), slot("b", None, used=100), used=9000),
@@ -207,8 +236,8 @@ SELECT: list[Any] = [
         "lru",
         {},
         {},
-        None,
-        id="only-unknown-footprints",
+        ("b", "a"),
+        id="only-unknown-footprints-all-in-order",
     ),
     pytest.param(
         node(
@@ -569,7 +598,7 @@ PLACE: list[Any] = [
         {},
         (),
         Placement("b", ("b1",), 6000),
-        id="unknown-footprint-victim-not-counted",
+        id="a-sure-set-beats-one-of-unknown-size",
     ),
 ]
 
