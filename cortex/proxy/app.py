@@ -24,6 +24,7 @@ from cortex.proxy.anthropic_handler import add_anthropic_routes, anthropic_error
 from cortex.proxy.common import check_api_key
 from cortex.proxy.errors import openai_error
 from cortex.proxy.openai import handle_openai, models_payload
+from cortex.proxy.responses import add_responses_routes
 
 if TYPE_CHECKING:
     from cortex.engine.engine import Engine
@@ -80,6 +81,7 @@ def create_app(engine: Engine) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     add_anthropic_routes(app, engine, keys)
+    add_responses_routes(app, engine, keys)
     add_admin_routes(app, engine)
     if not settings.metrics_listen:
         app.router.add_get("/metrics", make_aiohttp_handler(registry=engine.metrics.registry))

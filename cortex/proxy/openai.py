@@ -142,6 +142,10 @@ def models_payload(engine: Engine) -> dict[str, Any]:
         }
         for m in snap.models
     ]
+    for m, entry in zip(snap.models, data, strict=True):  # what the nodes say a model is, when they say it
+        kind = engine.kinds.of(m.id)
+        if kind is not None:
+            entry["kind"] = kind
     return {"object": "list", "data": data}
 
 
