@@ -59,8 +59,11 @@ async def _pin(engine: Engine, c: cmd.Command) -> Result:
             return Result(False, f"{c.node} does not list {model}")
     else:
         loaded = [n for n in fleet.listed(model) if n.slots[model].state is SlotState.LOADED]
+        loading = fleet.loading.get(model)
         if loaded:
             node = loaded[0]
+        elif loading is not None:
+            node = fleet.nodes[loading[0]]  # pin where it is landing, not where a fresh plan would put it
         else:
             placement = engine.lifecycle.plan(model, set())
             if placement is None:
@@ -68,6 +71,9 @@ async def _pin(engine: Engine, c: cmd.Command) -> Result:
             node = fleet.nodes[placement.node]
     fleet.set_pin(node.name, model, True)
     engine.pin_changed(model, node.name, True)
+    if fleet.loading.get(model, ("",))[0] == node.name:
+        # the load under way ends it; should it fail, the pin is enforced on the node's next poll
+        return Result(True, f"pinned {model} on {node.name} (loading)", {"node": node.name, "model": model})
     if node.slots[model].state is not SlotState.LOADED:
         result = await _load_on_node(engine, model, node)
         if not result.ok:

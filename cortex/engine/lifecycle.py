@@ -366,6 +366,12 @@ class Lifecycle:
                         return
                     await self._wait_change(1.0)
                     continue
+                for node in candidates:
+                    if node.slots[model].state is SlotState.STUCK:
+                        # the node itself is loading it (a lazy load) or reports a stuck reload: follow it
+                        await self.not_ready(node, model)
+                if self.route(model) is not None:
+                    continue
                 placement = self.plan(model, tried)
                 if placement is None:
                     why = self.explain(model)
@@ -603,12 +609,12 @@ class Lifecycle:
         memory is really free), and cortex's own count, which already holds this load and any other load in
         progress on the node, fits it.
         """
-        need_mb = self.fleet.estimate(model)
         deadline = time.monotonic() + self.memory_wait_s
         while True:
             used = await self._fresh_used(node)
             if used is None:
                 return
+            need_mb = self.fleet.estimate(model)  # after the fresh report: an estimate can rest on it
             total, counted, _ = self.fleet.vram(node)
             budget = total - self.settings.eviction.headroom_mb
             if max(used + need_mb, counted) <= budget or time.monotonic() >= deadline:

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 
 from cortex.config import ModelSettings, Settings
-from cortex.engine.events import DefragFinished, DefragStarted, Event, ModelUnloaded
 from cortex.engine.commands import RestartNode
+from cortex.engine.events import DefragFinished, DefragStarted, Event, ModelUnloaded
 from cortex.engine.lifecycle import RestartResult
 from cortex.engine.state import NodeStatus, SlotState
 from cortex.sim import SimModel, SimNode
