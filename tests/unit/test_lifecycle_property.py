@@ -10,7 +10,13 @@ concurrently, so cortex's own awaits interleave. Whatever happens:
   a reconcile or a defrag;
 * a load cortex starts with a known footprint never pushes the node's real memory over
   ``vram_mb - headroom_mb``;
+* a load whose size cortex only estimates never runs beside another load on its node (two guesses could
+  overcommit the device);
 * cortex never calls reload for a model the node has loaded.
+
+The fake nodes are honest: m4 and m5 have no configured size (cortex estimates them, learns them from a load
+that ran alone, or learns a lower bound from an out-of-memory answer), and a load that does not fit in the
+device's real memory answers ``internal_error`` "CUDA out of memory", as a real node does.
 """
 
 from __future__ import annotations
@@ -75,6 +81,9 @@ class FakeNode:
         self.down = False
         self.found = found
         self.known: dict[str, bool] = {}
+        self.guessed: dict[str, bool] = {}
+        """model → whether cortex only estimated its size when it asked for the load."""
+        self.ooms = 0
         self.endpoint = f"fake://{name}"
 
     def used(self) -> int:
@@ -115,6 +124,15 @@ class FakeNode:
             self.found.add(f"reload of {model} on {self.name} while the node has it loaded/reloading")
             return LifecycleReply("not_found")
         known = self.known.get(model, False)
+        guessed = self.guessed.get(model, False)
+        others = [m for m in self.loading if m != model]
+        if others and (guessed or any(self.guessed.get(m, False) for m in others)):
+            self.found.add(f"load of {model} on {self.name} beside {others} while a size is only estimated")
+        if self.used() + MODELS[model] > self.total:
+            self.ooms += 1
+            return LifecycleReply(
+                "internal_error", f"Failed to load model: CUDA out of memory ({MODELS[model]} MiB for {model})"
+            )
         if known and self.used() + MODELS[model] > self.budget:
             self.found.add(
                 f"load of {model} ({MODELS[model]} MiB) on {self.name} with {self.used()} MiB used "
@@ -216,6 +234,7 @@ class World:
                 s.state is SlotState.LOADING and self.fleet.footprint(s.model_id) is None for s in node.slots.values()
             )
             self.fakes[node.name].known[model] = self.fleet.footprint(model) is not None and not blind
+            self.fakes[node.name].guessed[model] = self.fleet.footprint(model) is None
             return await load_on(node, model, victims, reason)
 
         async def checked_unload_on(node: NodeRec, model: str, reason: str, *, marked: bool = False) -> str | None:
