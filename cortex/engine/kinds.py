@@ -77,8 +77,8 @@ class ModelKinds:
             async with engine.session.get(endpoint + "/v1/models", timeout=timeout) as resp:
                 if resp.status == 200:
                     kinds = parse_kinds(await resp.json(content_type=None))
-                    if kinds != self.by_node.get(name):
-                        log.info("node %s reports model kinds: %s", name, kinds or "none")
+                    if kinds and kinds != self.by_node.get(name):
+                        log.info("node %s reports model kinds: %s", name, kinds)
                     self.by_node[name] = kinds
                     return True
         return False
