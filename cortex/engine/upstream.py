@@ -8,17 +8,28 @@ idle connection, done before the first ``await``, and responses are parsed by ll
 parser uvicorn uses). ``bench/cold_load.py`` measures the release on the wire.
 
 What it does, and no more: ``POST`` with a full body; ``Content-Length``, chunked and read-to-close
-answers; keep-alive reuse (an idle connection is dropped after :data:`IDLE_S` or when the node closes it);
-one retry on a fresh connection when a *reused* one turns out dead before any byte of an answer (the node
-closed it while idle: the request never reached it); back-pressure (a slow reader pauses the socket); TLS
-for ``https://`` endpoints; a path prefix in the endpoint. Errors are aiohttp's exception types, so callers
-handle one family.
+answers; keep-alive reuse (an idle connection is dropped after :data:`IDLE_S`, when the node closes it, or
+when it has anything to read before a request was sent on it); back-pressure (a slow reader pauses the
+socket); TLS for ``https://`` endpoints; a path prefix in the endpoint. Errors are aiohttp's exception
+types, so callers handle one family.
+
+A node is not trusted to behave. A request is sent again at most once, on a fresh connection, and only
+when the node is known not to have read it: a *reused* connection reset (RST) before any byte of an
+answer, which the kernel sends when the node's socket was already closed or dropped unread bytes. A
+connection that ends cleanly after the request went out is an error, never a retry: the node may be
+working on it. An answer head over :data:`MAX_HEAD`, a ``101 Switching Protocols`` and bytes nobody asked
+for are errors that drop the connection; :meth:`UpstreamResponse.read` takes a size cap; and a body
+delimited by the end of the connection is flagged (:attr:`UpstreamResponse.until_close`), since a node
+that died mid-answer looks the same on the wire as one that finished. Error messages never name the
+endpoint: they reach clients, and the caller names the node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import select
 import ssl
 import time
 from collections import deque
@@ -36,6 +47,8 @@ HIGH_WATER = 256 * 1024
 """Buffered answer bytes at which reading from the node pauses until the reader catches up."""
 MAX_IDLE = 512
 """Idle connections kept per node at most."""
+MAX_HEAD = 64 * 1024
+"""Largest answer head (status line and headers) read from a node; a larger one fails the request."""
 
 
 class Headers(dict[str, str]):
@@ -58,12 +71,15 @@ class UpstreamResponse:
     ``content.iter_any()`` / ``content.readany()``, ``read()``, ``release()``, ``close()``.
     """
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_eof", "_error", "_waiter", "headers", "status")
+    __slots__ = ("_buffered", "_chunks", "_conn", "_eof", "_error", "_waiter", "headers", "status", "until_close")
 
-    def __init__(self, conn: _Conn, status: int, headers: Headers) -> None:
+    def __init__(self, conn: _Conn, status: int, headers: Headers, until_close: bool = False) -> None:
         self._conn: _Conn | None = conn
         self.status = status
         self.headers = headers
+        self.until_close = until_close
+        """The body has neither a length nor chunks: its end is the end of the connection, so a node that
+        dies mid-answer is indistinguishable from one that finished (the caller checks what it got)."""
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._eof = False
@@ -131,10 +147,25 @@ class UpstreamResponse:
                 return
             yield data
 
-    async def read(self) -> bytes:
-        """The whole body."""
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body; over ``limit`` bytes, the connection is dropped and the read fails.
+
+        Raises:
+            aiohttp.ClientPayloadError: the body is larger than ``limit`` (announced or received).
+            aiohttp.ClientConnectionError: the connection broke.
+        """
+        if limit is not None:
+            length = self.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                self.close()
+                raise aiohttp.ClientPayloadError(f"answer of {length} bytes is over the {limit} byte limit")
         parts = []
+        size = 0
         while data := await self.readany():
+            size += len(data)
+            if limit is not None and size > limit:
+                self.close()
+                raise aiohttp.ClientPayloadError(f"answer is over the {limit} byte limit")
             parts.append(data)
         return b"".join(parts)
 
@@ -162,6 +193,7 @@ class _Conn(asyncio.Protocol):
         self.idle_since = 0.0
         self.reused = False
         self.got_bytes = False
+        self.head_bytes = 0
         self.head: asyncio.Future[UpstreamResponse] | None = None
         self.response: UpstreamResponse | None = None
         self._headers = Headers()
@@ -181,9 +213,19 @@ class _Conn(asyncio.Protocol):
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(aiohttp.ClientPayloadError(f"{self.host.name}: malformed answer: {exc}"))
+        except httptools.HttpParserUpgrade:
+            self._fail(aiohttp.ClientPayloadError("the node answered 101 Switching Protocols"))
             self.abort()
+            return
+        except httptools.HttpParserError as exc:
+            self._fail(aiohttp.ClientPayloadError(f"malformed answer: {exc}"))
+            self.abort()
+            return
+        if self.response is None and self.head is not None:  # still reading the answer's head
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD:
+                self._fail(aiohttp.ClientPayloadError(f"answer head is over {MAX_HEAD // 1024} KiB"))
+                self.abort()
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -198,9 +240,10 @@ class _Conn(asyncio.Protocol):
             self.response = None
             return
         if self.head is not None and not self.head.done():
-            self.head.set_exception(
-                _Dead() if self.reused and not self.got_bytes else aiohttp.ServerDisconnectedError()
-            )
+            # A reset before any answer byte on a reused connection: the node's socket was closed or dropped
+            # the request unread. A clean close may come after the node read it: not retried.
+            unread = self.reused and not self.got_bytes and isinstance(exc, ConnectionResetError | BrokenPipeError)
+            self.head.set_exception(_Dead() if unread else aiohttp.ServerDisconnectedError())
         self._fail(aiohttp.ClientPayloadError("Response payload is not completed"))
 
     # -- httptools callbacks --------------------------------------------------------------------------
@@ -221,7 +264,7 @@ class _Conn(asyncio.Protocol):
         self._until_close = (
             "content-length" not in headers and "chunked" not in (headers.get("transfer-encoding") or "").lower()
         )
-        response = self.response = UpstreamResponse(self, status, headers)
+        response = self.response = UpstreamResponse(self, status, headers, self._until_close)
         if self.head is not None and not self.head.done():
             self.head.set_result(response)
 
@@ -249,8 +292,30 @@ class _Conn(asyncio.Protocol):
         assert self.transport is not None
         self.head = asyncio.get_running_loop().create_future()
         self.got_bytes = False
+        self.head_bytes = 0
         self.transport.write(data)
         return self.head
+
+    def stale(self) -> bool:
+        """Whether this idle connection has something to read: the node closed it or spoke unasked.
+
+        asyncio learns of either on its next poll; a request written before that would be lost or, worse,
+        answered with those bytes. One ``poll`` with no wait (about a microsecond) asks the kernel now.
+        """
+        transport = self.transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if transport is None or sock is None or transport.is_closing():
+            return True
+        poller = self.host.poller
+        fd = sock.fileno()
+        try:
+            poller.register(fd, select.POLLIN)
+            try:
+                return bool(poller.poll(0))
+            finally:
+                poller.unregister(fd)
+        except (OSError, ValueError):
+            return True
 
     def expire(self) -> None:
         """The caller's deadline passed before the answer's head: fail the wait, drop the connection."""
@@ -306,7 +371,7 @@ class _Unasked(Exception):
 
 
 class _Dead(Exception):
-    """A reused idle connection was already closed by the node: send again on a new one."""
+    """A reused connection was reset before the node read the request: send it again on a new one."""
 
 
 class _Host:
@@ -314,7 +379,6 @@ class _Host:
 
     def __init__(self, endpoint: str, connect_timeout_s: float) -> None:
         parts = urlsplit(endpoint)
-        self.name = parts.netloc
         self.hostname = parts.hostname or "127.0.0.1"
         self.tls = parts.scheme == "https"
         self.port = parts.port or (443 if self.tls else 80)
@@ -325,23 +389,32 @@ class _Host:
         self.connect_timeout_s = connect_timeout_s
         self.idle: deque[_Conn] = deque()
         self.open: set[_Conn] = set()
+        self.poller = select.poll()
         self._ssl: ssl.SSLContext | None = ssl.create_default_context() if self.tls else None
 
     def head(self, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:
+        """The request's bytes.
+
+        Raises:
+            ValueError: a header with a line break or a character outside Latin-1.
+        """
         lines = [f"POST {self.prefix}{path} HTTP/1.1\r\nHost: {self.host_header}\r\nContent-Length: {len(body)}\r\n"]
         for name, value in headers.items():
             if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
                 raise ValueError(f"header {name!r} has a line break")
             lines.append(f"{name}: {value}\r\n")
         lines.append("\r\n")
-        return "".join(lines).encode("latin-1") + body
+        try:
+            return "".join(lines).encode("latin-1") + body
+        except UnicodeEncodeError:
+            raise ValueError("a request header has a character outside Latin-1") from None
 
     def take(self) -> _Conn | None:
-        """An idle connection fit for reuse, or None."""
+        """An idle connection fit for reuse, or None (stale ones are dropped: nothing was sent on them)."""
         now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()  # the most recently used: the least likely to have been closed
-            if conn.closed or now - conn.idle_since > IDLE_S:
+            if conn.closed or now - conn.idle_since > IDLE_S or conn.stale():
                 conn.abort()
                 continue
             conn.reused = True
@@ -369,11 +442,11 @@ class _Host:
         except TimeoutError:
             if limit < self.connect_timeout_s:
                 raise  # the caller's own deadline
-            raise aiohttp.ClientConnectionError(
-                f"connecting to {self.name} timed out after {self.connect_timeout_s:g} s"
-            ) from None
+            raise aiohttp.ClientConnectionError(f"connecting timed out after {self.connect_timeout_s:g} s") from None
         except OSError as exc:
-            raise aiohttp.ClientConnectionError(f"cannot connect to {self.name}: {exc.strerror or exc}") from None
+            # errno's text, not the exception's: asyncio puts the address in it ("Connect call failed (...)").
+            reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+            raise aiohttp.ClientConnectionError(f"cannot connect: {reason}") from None
         self.open.add(conn)
         return conn
 
@@ -420,19 +493,19 @@ class UpstreamPool:
             TimeoutError: no answer's headers within ``timeout_s``.
             aiohttp.ClientConnectionError: the node could not be reached or closed the connection.
             aiohttp.ClientPayloadError: the answer was not valid HTTP.
-            ValueError: a header value with a line break.
+            ValueError: a header with a line break or a character outside Latin-1.
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         host = self._host(endpoint)
         data = host.head(path, body, headers)
         conn = host.take()
-        while conn is not None:
+        if conn is not None:
             # On an idle connection the request leaves now, before the first await.
             try:
                 return await _exchange(loop, conn, data, deadline)
             except _Dead:
-                conn = host.take()
+                pass  # reset unread: once more, on a new connection (never another idle one)
         conn = await host.connect(None if deadline is None else deadline - loop.time())
         try:
             return await _exchange(loop, conn, data, deadline)

@@ -7,7 +7,12 @@ aiohttp servers for well-formed HTTP; small raw asyncio servers where a node mis
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
+import struct
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -17,6 +22,8 @@ import trustme
 from aiohttp import web
 
 from cortex.engine.upstream import HIGH_WATER, UpstreamPool
+from tests.hardening.threaded import ThreadedNode
+from tests.hardening.threaded import read_request as read_request_blocking
 
 pytestmark = pytest.mark.asyncio
 
@@ -172,18 +179,25 @@ async def test_a_body_delimited_by_close(pool: UpstreamPool) -> None:
         assert pool.idle_count(url) == 0
 
 
-async def test_an_idle_connection_the_node_closed_is_retried_on_a_new_one(pool: UpstreamPool) -> None:
-    """The node answers one request per connection, then closes the connection on the next one unanswered
-    (as a server does when its keep-alive timer fires just as a request arrives)."""
-    connections = 0
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def rst_close(writer: asyncio.StreamWriter) -> None:
+    """Close with a reset (RST), as a kernel does for a socket closed with unread bytes."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def test_an_idle_connection_the_node_closed_is_not_used(pool: UpstreamPool) -> None:
+    """The node closes its side of an idle connection right after answering: nothing is sent on it."""
+    seen: list[int] = []
 
     async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
+        seen.append(len(seen))
         if await read_request(reader):
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            writer.write(OK)
             await writer.drain()
-        await read_request(reader)
         writer.close()
 
     server, url = await raw_server(on_conn)
@@ -191,7 +205,201 @@ async def test_an_idle_connection_the_node_closed_is_retried_on_a_new_one(pool: 
         for _ in range(3):
             resp = await pool.post(url, "/x", b"{}", {})
             assert await resp.read() == b"ok"
-        assert connections == 3, "each request after the first needed a new connection"
+            await asyncio.sleep(0.05)  # the node's FIN arrives
+        assert len(seen) == 3
+
+
+async def test_a_fin_not_yet_seen_by_the_loop_is_caught_before_writing(pool: UpstreamPool) -> None:
+    """The node's FIN sits unread in the socket when the next request is sent (the loop was busy): the
+    idle connection is found stale by a poll of the socket, and the request goes out on a new one only."""
+    closed = threading.Event()
+    requests: list[tuple[int, bytes]] = []
+
+    def serve(conn: socket.socket, index: int) -> None:
+        while request := read_request_blocking(conn):
+            requests.append((index, request))
+            conn.sendall(OK)
+            if index == 0:
+                conn.close()
+                closed.set()
+                return
+
+    with ThreadedNode(serve) as node:
+        resp = await pool.post(node.url, "/x", b"{}", {})
+        assert await resp.read() == b"ok"
+        # Both waits block the loop on purpose: the FIN reaches the kernel while asyncio does not look.
+        assert closed.wait(5)
+        time.sleep(0.05)  # noqa: ASYNC251
+        resp = await pool.post(node.url, "/y", b"{}", {})
+        assert await resp.read() == b"ok"
+        assert [index for index, _ in requests] == [0, 1], "the second request went out once, on a new connection"
+
+
+async def test_bytes_not_yet_seen_by_the_loop_are_never_an_answer(pool: UpstreamPool) -> None:
+    """Stray bytes the node sent after an answer sit unread when the next request is written: that
+    connection is not used, so they cannot be taken for the next request's answer."""
+    sent = threading.Event()
+    requests: list[int] = []
+
+    def serve(conn: socket.socket, index: int) -> None:
+        while read_request_blocking(conn):
+            requests.append(index)
+            conn.sendall(OK)
+            if index == 0 and not sent.is_set():
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTRAY")
+                sent.set()
+        conn.close()
+
+    with ThreadedNode(serve) as node:
+        resp = await pool.post(node.url, "/x", b"{}", {})
+        assert await resp.read() == b"ok"
+        assert sent.wait(5)  # blocking on purpose: the stray bytes arrive while asyncio does not look
+        time.sleep(0.05)  # noqa: ASYNC251
+        resp = await pool.post(node.url, "/y", b"{}", {})
+        assert await resp.read() == b"ok"
+        assert requests == [0, 1]
+
+
+async def test_a_reused_connection_reset_before_reading_is_sent_again_once(pool: UpstreamPool) -> None:
+    """A reset on a reused connection before any answer byte means the node never read the request
+    (its socket was gone): sent once more, on a new connection."""
+    connections = 0
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        if await read_request(reader):
+            writer.write(OK)
+            await writer.drain()
+        await reader.read(1)  # the next request starts to arrive: drop it unread
+        rst_close(writer)
+
+    server, url = await raw_server(on_conn)
+    async with server:
+        for _ in range(3):
+            resp = await pool.post(url, "/x", b"{}", {})
+            assert await resp.read() == b"ok"
+        assert connections == 3, "each request after the first was sent again, once, on a new connection"
+
+
+async def test_a_retry_storm_is_bounded_to_one_resend(pool: UpstreamPool) -> None:
+    """Every reused connection resets, and so does every new one: one request reaches the node at most
+    twice, however many idle connections the pool holds."""
+    requests = 0
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        if await reader.read(1):
+            requests += 1
+        rst_close(writer)
+
+    server, url = await raw_server(on_conn)
+    async with server:
+        assert await pool.warm(url, 20) == 20
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await pool.post(url, "/x", b"{}", {})
+        assert requests == 2, f"one POST reached the node {requests} times"
+
+
+async def test_a_reused_connection_closed_after_the_request_is_not_sent_again(pool: UpstreamPool) -> None:
+    """A clean close after the node read the request: it may be working on it, so no resend."""
+    requests = 0
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        if await read_request(reader):
+            requests += 1
+            writer.write(OK)
+            await writer.drain()
+        if await read_request(reader):
+            requests += 1
+        writer.close()
+
+    server, url = await raw_server(on_conn)
+    async with server:
+        resp = await pool.post(url, "/x", b"{}", {})
+        assert await resp.read() == b"ok"
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await pool.post(url, "/x", b"{}", {})
+        assert requests == 2, "the second request reached the node once"
+
+
+async def test_an_oversized_head_fails_and_drops_the_connection(pool: UpstreamPool) -> None:
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):  # 4 MiB of one header value, unless cortex hangs up first
+                writer.write(b"a" * 65536)
+                await writer.drain()
+
+    server, url = await raw_server(on_conn)
+    async with server:
+        with pytest.raises(aiohttp.ClientPayloadError, match="head is over"):
+            await pool.post(url, "/x", b"{}", {})
+        assert pool.idle_count(url) == 0
+
+
+async def test_switching_protocols_is_an_error_not_an_answer(pool: UpstreamPool) -> None:
+    server, url = await raw_server(
+        answer_then_close(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nxx")
+    )
+    async with server:
+        with pytest.raises(aiohttp.ClientPayloadError, match="101"):
+            await pool.post(url, "/x", b"{}", {})
+
+
+async def test_read_caps_the_body(serve: Any, pool: UpstreamPool) -> None:
+    blob = b"x" * 300_000
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()  # chunked: no length to refuse up front
+        await response.prepare(request)
+        await response.write(blob)
+        await response.write_eof()
+        return response
+
+    async def announced(request: web.Request) -> web.Response:
+        return web.Response(body=blob)
+
+    server = await serve(lambda r: big(r) if r.path == "/chunked" else announced(r))
+    for path in ("/chunked", "/length"):
+        resp = await pool.post(server.url, path, b"", {})
+        with pytest.raises(aiohttp.ClientPayloadError, match="limit"):
+            await resp.read(limit=100_000)
+    resp = await pool.post(server.url, "/length", b"", {})
+    assert await resp.read(limit=300_000) == blob
+
+
+async def test_a_read_to_close_body_is_flagged(serve: Any, pool: UpstreamPool) -> None:
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="fine")
+
+    server = await serve(ok)
+    resp = await pool.post(server.url, "/x", b"", {})
+    assert not resp.until_close
+    await resp.read()
+    raw, url = await raw_server(answer_then_close(b"HTTP/1.1 200 OK\r\n\r\n{\"cut"))
+    async with raw:
+        resp = await pool.post(url, "/x", b"{}", {})
+        assert resp.until_close
+        assert await resp.read() == b'{"cut'
+
+
+async def test_errors_never_name_the_endpoint(pool: UpstreamPool) -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(aiohttp.ClientConnectionError) as exc:
+        await pool.post(f"http://127.0.0.1:{port}", "/x", b"{}", {})
+    assert "127.0.0.1" not in str(exc.value)
+    assert str(port) not in str(exc.value)
+
+
+async def test_a_header_outside_latin1_is_refused(pool: UpstreamPool) -> None:
+    with pytest.raises(ValueError, match="Latin-1"):
+        await pool.post("http://127.0.0.1:9", "/x", b"", {"x-request-id": "\u20ac"})
 
 
 async def test_a_node_that_closes_mid_answer_fails_the_read(pool: UpstreamPool) -> None:
