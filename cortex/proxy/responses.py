@@ -18,6 +18,7 @@ with the node's content type, never held whole.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
     from cortex.engine.lifecycle import Lease
 
 __all__ = ["add_responses_routes"]
+
+log = logging.getLogger(__name__)
 
 RESPONSES = "/v1/responses"
 IMAGES = "/v1/images/generations"
@@ -108,6 +111,13 @@ def _not_found(response_id: str, message: str | None = None, param: str | None =
         param=param,
         code="response_not_found",
     )
+
+
+def _internal_error(request: web.Request, call: Call) -> web.Response:
+    """A bug, not the client's fault: an answer in the client's dialect, the traceback in the log once."""
+    log.exception("internal error serving %s %s", request.method, request.path)
+    call.status = 500
+    return openai_error(500, "internal error in cortex (see the gateway's log)", "server_error")
 
 
 def _error_for(exc: CortexError, call: Call, param: str | None = None) -> web.Response:
@@ -207,6 +217,10 @@ async def _create(request: web.Request, engine: Engine, call: Call, keys: list[b
         return openai_error(
             exc.info.status, exc.info.message, exc.info.kind, headers=cortex_headers(call, exc.request_id)
         )
+    except (ClientGone, ConnectionResetError):
+        raise  # the client is gone: counted() records it, there is no one to answer
+    except Exception:
+        return _internal_error(request, call)
 
 
 async def _send_pinned(
@@ -617,6 +631,10 @@ async def _media(request: web.Request, engine: Engine, call: Call, path: str, ke
         return openai_error(
             exc.info.status, exc.info.message, exc.info.kind, headers=cortex_headers(call, exc.request_id)
         )
+    except (ClientGone, ConnectionResetError):
+        raise  # the client is gone: counted() records it, there is no one to answer
+    except Exception:
+        return _internal_error(request, call)
     return await _copy_body(request, engine, call, lease, resp)
 
 
