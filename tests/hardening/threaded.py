@@ -60,7 +60,7 @@ class ThreadedNode:
         self._acceptor.join(5)
         for conn in self._conns:
             with contextlib.suppress(OSError):
-                conn.close()
+                conn.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv (close alone does not)
         for thread in self._threads:
             thread.join(5)
         self._sock.close()
