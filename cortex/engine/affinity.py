@@ -95,9 +95,8 @@ def responses_path(state_path: Path | None) -> Path:
 
 
 def server_epoch(node: NodeRec) -> int | None:
-    """The node's server start time as last polled, when the fleet tracks it."""
-    value = getattr(node, "server_created", None)
-    return value if isinstance(value, int) else None
+    """The node's server start time (``created`` of its model list) as last polled; None if it never said."""
+    return node.client.created
 
 
 class AffinityStore:

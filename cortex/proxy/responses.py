@@ -33,6 +33,7 @@ from cortex.engine.affinity import Holder, HolderUnavailable, ResponseNotFound, 
 from cortex.engine.upstream import UpstreamResponse
 from cortex.errors import BadRequest, CortexError
 from cortex.proxy.common import (
+    LOAD_NOTICE_S,
     SSE_HEADERS,
     ClientGone,
     WaitFailed,
@@ -330,9 +331,15 @@ async def _acquire_pinned_streaming(
 ) -> tuple[Lease, web.StreamResponse | None]:
     """:func:`acquire_streaming` for a lease pinned to the response's node (notices while it loads there)."""
     response: web.StreamResponse | None = None
+    last_notice = 0.0
 
     async def keep_alive(waited: float) -> None:
-        nonlocal response
+        # called about once a second; a notice every 3.5 s or so, as acquire_streaming sends them
+        nonlocal response, last_notice
+        now = time.monotonic()
+        if response is not None and now - last_notice < LOAD_NOTICE_S - 1.5:
+            return
+        last_notice = now
         if response is None:
             response = web.StreamResponse(status=200, headers=SSE_HEADERS)
             response.headers["x-cortex-model"] = call.model

@@ -141,11 +141,28 @@ async def test_restarted_holder_has_forgotten_the_conversation(fleet: FleetFacto
     f = await two_nodes(fleet)
     async with f.openai() as client:
         on_a = await start_on(f, client, "a")
-        epoch = f.engine.fleet.nodes["a"].server_created
+        epoch = f.engine.fleet.nodes["a"].client.created
+        assert epoch is not None
         await f.sim("a").restart()
-        await f.wait_for(lambda: f.engine.fleet.nodes["a"].server_created != epoch, what="the restart seen")
+        await f.wait_for(lambda: f.engine.fleet.nodes["a"].client.created != epoch, what="the restart seen")
         with pytest.raises(openai.NotFoundError) as gone:
             await client.responses.create(model=MODEL, input="remember me?", previous_response_id=on_a)
         assert "restarted" in gone.value.message
     assert f.engine.affinity.lookup(on_a) is None
     assert len(f.inference_requests("a", "/v1/responses")) == 1
+
+
+async def test_pinned_stream_hears_load_notices(fleet: FleetFactory) -> None:
+    f = await two_nodes(fleet)
+    async with f.openai() as client:
+        on_b = await start_on(f, client, "b")
+    assert (await f.engine.submit(cmd.UnloadModel(MODEL, node="b"))).ok
+    f.sim("b").load_s = 1.2  # just over the first notice's second
+    body = {"model": MODEL, "input": "later", "previous_response_id": on_b, "stream": True}
+    async with f.http.post(f.url + "/v1/responses", json=body) as resp:
+        assert resp.status == 200
+        assert resp.headers["x-cortex-node"] == "b"
+        text = await resp.text()
+    assert text.startswith(f": loading {MODEL} on b (1 s)\n\n")
+    assert "event:response.completed" in text
+    assert len(f.inference_requests("a", "/v1/responses")) == 0
