@@ -67,6 +67,7 @@ _TAIL_LIMIT = 8 * 1024 * 1024
 _DELTA = b'.delta"'
 _TERMINALS = (b'"response.completed"', b'"response.failed"', b'"response.incomplete"')
 _DONE = b"[DONE]"
+_EMBEDS_RESPONSE = b'"response":'
 _CARRY = 32
 """Bytes of the previous chunk kept to find a marker split over two reads."""
 
@@ -414,11 +415,12 @@ class StreamScan:
         self.done = False
         """``[DONE]`` was seen (mistral.rs ends every stream it finishes with it, errors included)."""
 
-    def _has(self, chunk: bytes, marker: bytes) -> bool:
-        return marker in chunk or (bool(self._carry) and marker in self._carry + chunk[: len(marker)])
-
     def add(self, chunk: bytes, now: float) -> None:
-        """Look at one chunk (``now``: when it arrived)."""
+        """Look at one chunk (``now``: when it arrived).
+
+        A text delta costs a few ``in`` searches: the terminal events are looked for only in chunks that
+        embed a response object (``"response":``), which deltas never do.
+        """
         if self._head is not None:
             self._head += chunk
             found = _ID_IN_HEAD.search(self._head)
@@ -427,19 +429,21 @@ class StreamScan:
                 self._head = None
             elif len(self._head) > _HEAD_LIMIT:
                 self._head = None
-        if self.first_token is None and self._has(chunk, _DELTA):
+        edge = self._carry + chunk[:_CARRY]
+        if self.first_token is None and (_DELTA in chunk or _DELTA in edge):
             self.first_token = now
-        if self._tail is None:
-            if self._has(chunk, _TERMINALS[0]):
+        if self._tail is not None:
+            if self._tail_size < _TAIL_LIMIT:
+                self._tail.append(chunk)
+                self._tail_size += len(chunk)
+        elif _EMBEDS_RESPONSE in chunk or _EMBEDS_RESPONSE in edge:
+            if _TERMINALS[0] in chunk or _TERMINALS[0] in edge:
                 self._tail = [self._carry, chunk]
                 self._tail_size = len(chunk)
                 self.terminal = True
-        elif self._tail_size < _TAIL_LIMIT:
-            self._tail.append(chunk)
-            self._tail_size += len(chunk)
-        if not self.terminal and (self._has(chunk, _TERMINALS[1]) or self._has(chunk, _TERMINALS[2])):
-            self.terminal = True
-        if not self.done and self._has(chunk, _DONE):
+            elif any(t in chunk or t in edge for t in _TERMINALS[1:]):
+                self.terminal = True
+        if not self.done and (_DONE in chunk or _DONE in edge):
             self.done = True
         self._carry = chunk[-_CARRY:]
 

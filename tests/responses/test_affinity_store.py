@@ -50,7 +50,8 @@ def test_unreadable_file_starts_empty(tmp_path: Path) -> None:
     path = tmp_path / "responses.json"
     path.write_text("{not json")
     assert len(AffinityStore(path)) == 0
-    path.write_text(json.dumps({"format": 1, "responses": [["resp_ok", "a", "m", None], ["bad", 3], "x"]}))
+    rows = {"resp_ok": {"node": "a", "model": "m", "epoch": None}, "bad": {"node": 3}, "worse": "x"}
+    path.write_text(json.dumps({"format": 2, "responses": rows}))
     store = AffinityStore(path)
     assert len(store) == 1
     assert store.lookup("resp_ok") is not None
@@ -75,6 +76,8 @@ async def test_a_burst_of_changes_is_one_write(tmp_path: Path) -> None:
         assert store.saves == 1
         rows = json.loads((tmp_path / "responses.json").read_text())["responses"]
         assert len(rows) == 500
+        assert list(rows)[-1] == "resp_499"  # least recently used first
+        assert rows["resp_7"] == {"node": "a", "model": "m", "epoch": None}
     finally:
         writer.cancel()
         await asyncio.gather(writer, return_exceptions=True)
