@@ -19,7 +19,7 @@ from typing import Any
 
 from cortex.config import Settings, parse_listen
 
-__all__ = ["format_status", "gateway_url", "run"]
+__all__ = ["format_status", "gateway_url", "is_cortex", "run"]
 
 
 def gateway_url(settings: Settings, override: str | None) -> str:
@@ -62,11 +62,61 @@ def _call(
         raise GatewayUnreachable(f"cannot reach the gateway at {url.split('/admin')[0]}: {reason}") from None
 
 
+def is_cortex(base: str) -> bool:
+    """Whether a cortex gateway answers at ``base`` (its ``/health`` and ``/ready`` shapes)."""
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=2.0) as resp:
+            health = json.loads(resp.read() or b"{}")
+    except (OSError, ValueError):
+        return False
+    if health != {"status": "ok"}:
+        return False
+    try:
+        with urllib.request.urlopen(base + "/ready", timeout=2.0) as resp:
+            ready = json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:  # 503 while no node is up: still cortex's answer
+        try:
+            ready = json.loads(exc.read() or b"{}")
+        except ValueError:
+            return False
+    except (OSError, ValueError):
+        return False
+    return isinstance(ready, dict) and "nodes_up" in ready
+
+
+def _reload(base: str, token: str) -> int:
+    """``cortex reload``: 0 applied, 2 refused (the file is wrong; the gateway keeps its config), 1 otherwise."""
+    status, reply = _call(base + "/admin/reload", token, "POST", {}, timeout=60.0)
+    message = str(reply.get("message", f"HTTP {status}"))
+    if status == 200 and reply.get("ok"):
+        print(message)
+        for line in reply.get("changes", []):
+            print(f"  {line}")
+        if reply.get("restart_needed"):
+            print(f"restart cortex to apply: {', '.join(reply['restart_needed'])}")
+        return 0
+    if status == 422:
+        print(f"cortex: {message}", file=sys.stderr)
+        for line in reply.get("errors", [])[1:]:
+            print(line, file=sys.stderr)
+        return 2
+    print(f"cortex: {message}", file=sys.stderr)
+    if status == 401:
+        print(
+            "cortex: if gateway.admin_token changed, the gateway still has the previous one: "
+            "pass that with --token, or send the gateway SIGHUP",
+            file=sys.stderr,
+        )
+    return 1
+
+
 def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
     """Carry out one admin subcommand; returns the exit code."""
     base = gateway_url(settings, getattr(args, "gateway", None))
-    token = settings.gateway.admin_token.get_secret_value()
+    token = getattr(args, "token", None) or settings.gateway.admin_token.get_secret_value()
     try:
+        if command == "reload":
+            return _reload(base, token)
         if command == "status":
             status, fleet = _call(base + "/admin/fleet", token, timeout=10.0)
             if status != 200:

@@ -12,6 +12,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -46,6 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_flags(sub.add_parser("serve", parents=[common], help="run the gateway (default)"), suppress=True)
     sub.add_parser("check-config", parents=[common], help="validate the config and print the resolved settings")
+    attach = sub.add_parser(
+        "attach", parents=[common], help="the console for a gateway running elsewhere (headless, remote)"
+    )
+    attach.add_argument("url", nargs="?", help="the gateway's base URL (default: from the config's gateway.listen)")
+    attach.add_argument("--token", help="admin token (default: the config's gateway.admin_token, for its own gateway)")
+    mode = attach.add_mutually_exclusive_group()
+    mode.add_argument("--read-only", action="store_true", default=None, help="no actions (the default without a token)")
+    mode.add_argument(
+        "--read-write",
+        dest="read_only",
+        action="store_false",
+        help="allow actions without a token (a loopback gateway)",
+    )
+    reload = sub.add_parser("reload", parents=[common], help="make a running gateway re-read its config file")
+    reload.add_argument("--token", help="admin token (default: the config's gateway.admin_token)")
+    _gateway_flag(reload)
 
     status = sub.add_parser("status", parents=[common], help="print the fleet from a running gateway")
     status.add_argument("--json", action="store_true", help="the full snapshot as JSON")
@@ -126,12 +143,13 @@ def _gateway_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateway", metavar="URL", help="gateway base URL (default: from the config's gateway.listen)")
 
 
-def _settings(args: argparse.Namespace, *, demo: bool = False) -> Settings | int:
+def _settings(args: argparse.Namespace, *, demo: bool = False) -> tuple[Settings, Path | None] | int:
+    """The settings and the file they came from (None: defaults and ``CORTEX_*`` only), or exit code 2."""
     try:
         path = (
             None if demo and not args.config and not os.environ.get("CORTEX_CONFIG") else find_config_file(args.config)
         )
-        return load_settings(path)
+        return load_settings(path), path
     except ConfigFileError as exc:
         print(f"cortex: {exc}", file=sys.stderr)
         return 2
@@ -141,8 +159,40 @@ def _settings(args: argparse.Namespace, *, demo: bool = False) -> Settings | int
         return 2
 
 
+NO_NODES = "nodes: no [[nodes]] configured (try `cortex --demo`)"
+
+
+def _check_config(settings: Settings, path: Path | None) -> int:
+    """Say which file was read, then print the resolved settings; the same refusals as serving them."""
+    if path is None:
+        print(
+            "cortex: no config file found (--config, $CORTEX_CONFIG, ./cortex.toml, ~/.config/cortex/cortex.toml); "
+            "defaults and CORTEX_* variables only",
+            file=sys.stderr,
+        )
+    else:
+        print(f"cortex: read {path.resolve()}", file=sys.stderr)
+    if not settings.nodes:
+        print(NO_NODES, file=sys.stderr)
+        return 2
+    print(settings.model_dump_json(indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cortex`` console script."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away (`cortex status --json | head`): no traceback. Point stdout at /dev/null so
+        # the interpreter's own flush at exit does not fail the same way again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a writer stopped by its reader
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     own = _own_command(args_list)
     if own is not None:
@@ -159,36 +209,81 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     command = args.command or "serve"
     demo = bool(getattr(args, "demo", False))
-    settings = _settings(args, demo=demo)
-    if isinstance(settings, int):
-        return settings
+    loaded = _settings(args, demo=demo)
+    if isinstance(loaded, int):
+        return loaded
+    settings, path = loaded
     if command == "check-config":
-        print(settings.model_dump_json(indent=2))
-        return 0
-    if command in ("serve",):
-        return _serve(args, settings)
+        return _check_config(settings, path)
+    if command == "serve":
+        return _serve(args, settings, path)
+    if command == "attach":
+        return _attach(args, settings)
     from cortex import admin_client
 
     return admin_client.run(command, args, settings)
 
 
-def _serve(args: argparse.Namespace, settings: Settings) -> int:
+def _serve(args: argparse.Namespace, settings: Settings, path: Path | None) -> int:
     from cortex.runtime import configure_logging, run, state_dir
 
     if not settings.nodes and not args.demo:
-        print("cortex: nodes: no [[nodes]] configured (try `cortex --demo`)", file=sys.stderr)
+        print(f"cortex: {NO_NODES}", file=sys.stderr)
         return 2
     headless = args.no_tui or not sys.stdout.isatty()
     configure_logging(
         fmt=args.log_format, verbose=args.verbose, to_file=None if headless else state_dir() / "cortex.log"
     )
     try:
-        return asyncio.run(run(settings, headless=headless, read_only=args.read_only, demo=args.demo))
+        return asyncio.run(run(settings, headless=headless, read_only=args.read_only, demo=args.demo, config_path=path))
     except KeyboardInterrupt:
         return 130
     except ListenError as exc:
         print(f"cortex: {exc}", file=sys.stderr)
+        if exc.key == "gateway.listen":
+            return _offer_attach(args, settings, interactive=not headless and sys.stdin.isatty())
         return 1
+
+
+def _offer_attach(args: argparse.Namespace, settings: Settings, *, interactive: bool) -> int:
+    """The address is taken: when a cortex gateway holds it, offer its console instead of just failing."""
+    from cortex.admin_client import gateway_url, is_cortex
+
+    url = gateway_url(settings, None)
+    if not is_cortex(url):
+        return 1
+    if not interactive:
+        print(
+            f"cortex: a cortex gateway already runs at {url}; `cortex attach {url}` shows its console", file=sys.stderr
+        )
+        return 1
+    try:
+        answer = input(f"A cortex gateway already runs at {url}. Attach the console to it? [Y/n] ")
+    except EOFError:
+        answer = "n"
+    if answer.strip().lower() not in ("", "y", "yes"):
+        return 1
+    args.url, args.token = url, None
+    return _attach(args, settings)
+
+
+def _attach(args: argparse.Namespace, settings: Settings) -> int:
+    from cortex.admin_client import gateway_url
+    from cortex.runtime import attach, configure_logging, state_dir
+
+    url = (args.url or gateway_url(settings, None)).rstrip("/")
+    # The config's token goes only to the config's own gateway, never to a URL typed on the command line.
+    token = getattr(args, "token", None) or ("" if args.url and args.url != gateway_url(settings, None) else None)
+    if token is None:
+        token = settings.gateway.admin_token.get_secret_value()
+    read_only = getattr(args, "read_only", None)
+    if read_only is None:
+        read_only = not token
+    configure_logging(verbose=args.verbose, to_file=state_dir() / "cortex-attach.log")
+    try:
+        return asyncio.run(attach(url, token, settings, read_only=read_only))
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

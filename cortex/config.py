@@ -105,6 +105,8 @@ class GatewaySettings(_Section):
     """Largest request body accepted, in MiB (413 beyond)."""
     drain_s: float = Field(default=30.0, ge=0)
     """On shutdown, seconds in-flight streams may take to finish."""
+    watch_config: bool = False
+    """Re-read this file when it changes (checked every 2 s), as SIGHUP and `cortex reload` do."""
 
     _listen = field_validator("listen")(_check_listen)
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -32,6 +32,9 @@ from cortex.engine.metrics import CortexMetrics, RequestOutcome
 from cortex.engine.mistralrs import MistralRsClient, NodeError
 from cortex.engine.state import FleetSnapshot
 from cortex.engine.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from cortex.engine.reload import Reloader
 
 __all__ = ["Engine"]
 
@@ -69,6 +72,10 @@ class Engine:
         """Which node holds each stored OpenAI response (``previous_response_id`` routing), persisted."""
         self.kinds = ModelKinds()
         """The model kinds nodes report (``/v1/models`` shows them)."""
+        self.api_keys: list[bytes] = [k.get_secret_value().encode() for k in settings.gateway.api_keys]
+        """The client API keys, one list the gateway's handlers share: a config reload changes it in place."""
+        self.reloader: Reloader | None = None
+        """Re-reads the config and applies it (set by the runtime when there is a config to re-read)."""
 
     # -- resources ------------------------------------------------------------------------------------
 
@@ -190,21 +197,23 @@ class Engine:
             log.info("node %s is up (%d models listed)", node.name, len(models))
             self.background(self.lifecycle.reconcile(node))
 
+    def poll_node(self, node: NodeRec) -> None:
+        """Poll a node that joined after the start (a config reload) until it leaves the fleet."""
+        self.background(self._poll_loop(node))
+
     async def _poll_loop(self, node: NodeRec) -> None:
-        interval = self.settings.poll.interval_s
-        while True:
+        # Ends once a config reload removed (or replaced) the node; the interval is read live for the same reason.
+        while self.fleet.nodes.get(node.name) is node:
             if not node.restarting:
                 await self.poll_once(node)
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.settings.poll.interval_s)
 
     async def _ttl_loop(self) -> None:
-        ttl = self.settings.eviction.idle_ttl_s
-        if ttl <= 0:
-            return
-        period = max(0.2, min(ttl / 4, 10.0))
-        while True:
-            await asyncio.sleep(period)
-            await self.lifecycle.ttl_sweep()
+        while True:  # idle_ttl_s is read live: a config reload may turn the TTL on or off
+            ttl = self.settings.eviction.idle_ttl_s
+            await asyncio.sleep(max(0.2, min(ttl / 4, 10.0)) if ttl > 0 else 1.0)
+            if self.settings.eviction.idle_ttl_s > 0:
+                await self.lifecycle.ttl_sweep()
 
     async def _agents_loop(self) -> None:
         """Let the hub notice agents going stale (it signals changes; staleness needs a clock tick)."""

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from cortex.engine.state import RequestRecord
 
 __all__ = [
+    "ConfigReloaded",
     "DefragFinished",
     "DefragStarted",
     "Event",
@@ -154,6 +155,21 @@ class RequestCompleted(Event):
     kind: ClassVar[str] = "request"
     coalesce: ClassVar[bool] = True
     record: RequestRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigReloaded(Event):
+    """The config file was read again (SIGHUP, ``cortex reload``, a watched change): applied, or refused whole."""
+
+    kind: ClassVar[str] = "config_reload"
+    ok: bool
+    message: str
+    """One line: what changed, or why the file was refused (the old config keeps serving then)."""
+    changes: tuple[str, ...] = ()
+    restart_needed: tuple[str, ...] = ()
+    """Keys that changed but take effect only at the next start (listen addresses...)."""
+    errors: tuple[str, ...] = ()
+    """``key.path: problem`` lines of a refused file."""
 
 
 class EventBus:

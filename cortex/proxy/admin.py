@@ -59,7 +59,10 @@ def check_admin(request: web.Request, token: str) -> web.Response | None:
 
 def add_admin_routes(app: web.Application, engine: Engine) -> None:
     """Register ``/admin/...`` on the gateway app."""
-    token = engine.settings.gateway.admin_token.get_secret_value()
+
+    def admin_token() -> str:  # read per request: a config reload may change it
+        return engine.settings.gateway.admin_token.get_secret_value()
+
     closing = asyncio.Event()
     """Set when the gateway shuts down: event feeds end then instead of holding the drain for drain_s."""
 
@@ -69,7 +72,7 @@ def add_admin_routes(app: web.Application, engine: Engine) -> None:
     app.on_shutdown.append(_on_shutdown)
 
     async def fleet(request: web.Request) -> web.StreamResponse:
-        if (denied := check_admin(request, token)) is not None:
+        if (denied := check_admin(request, admin_token())) is not None:
             return denied
         return _json(200, engine.snapshot().to_json())
 
@@ -89,7 +92,7 @@ def add_admin_routes(app: web.Application, engine: Engine) -> None:
         return _json(status, {"ok": res.ok, "message": res.message, "detail": res.detail})
 
     async def model_action(request: web.Request) -> web.StreamResponse:
-        if (denied := check_admin(request, token)) is not None:
+        if (denied := check_admin(request, admin_token())) is not None:
             return denied
         model, action = request.match_info["model"], request.match_info["action"]
         data = await body_of(request)
@@ -104,13 +107,13 @@ def add_admin_routes(app: web.Application, engine: Engine) -> None:
         return result(await engine.submit(command))
 
     async def node_action(request: web.Request) -> web.StreamResponse:
-        if (denied := check_admin(request, token)) is not None:
+        if (denied := check_admin(request, admin_token())) is not None:
             return denied
         name, action = request.match_info["name"], request.match_info["action"]
         return result(await engine.submit(_NODE_ACTIONS[action](name)))
 
     async def events(request: web.Request) -> web.StreamResponse:
-        if (denied := check_admin(request, token)) is not None:
+        if (denied := check_admin(request, admin_token())) is not None:
             return denied
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
@@ -141,7 +144,16 @@ def add_admin_routes(app: web.Application, engine: Engine) -> None:
         )
         return _json(status, reply)
 
+    async def reload(request: web.Request) -> web.StreamResponse:
+        if (denied := check_admin(request, admin_token())) is not None:
+            return denied
+        if engine.reloader is None:
+            return _json(409, {"ok": False, "message": "this gateway has no config file to re-read (--demo)"})
+        report = await asyncio.shield(engine.reloader.reload("admin API"))
+        return _json(200 if report.ok else 422, report.to_json())
+
     app.router.add_get("/admin/fleet", fleet)
+    app.router.add_post("/admin/reload", reload)
     app.router.add_post(r"/admin/models/{model:.+}/{action:(pin|unpin|load|unload)}", model_action)
     app.router.add_post(r"/admin/nodes/{name}/{action:(drain|undrain|restart)}", node_action)
     app.router.add_get("/admin/events", events)

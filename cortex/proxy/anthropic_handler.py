@@ -49,6 +49,7 @@ from cortex.proxy.common import (
     cortex_headers,
     counted,
     read_json,
+    unreachable,
 )
 from cortex.proxy.forward import Call, NodeReplyError, read_body, send, upstream_headers
 
@@ -127,6 +128,8 @@ def _model_of(engine: Engine, data: dict[str, Any]) -> tuple[str, str]:
     if not isinstance(name, str) or not name:
         raise BadRequest("model: field required (a non-empty string)")
     model = engine.resolve(name)
+    if (down := unreachable(engine, name, model)) is not None:
+        raise down
     if model is None:
         served = ", ".join(engine.served_models()) or "none"
         raise UnknownModel(f"model: {name} is not served by this gateway; available models: {served}")

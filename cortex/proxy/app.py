@@ -43,7 +43,7 @@ def create_app(engine: Engine) -> web.Application:
         client_max_size=int(settings.max_body_mb * 1024 * 1024), handler_args={"max_field_size": 65536}
     )
     app[ENGINE] = engine
-    keys = [k.get_secret_value().encode() for k in settings.api_keys]
+    keys = engine.api_keys  # one shared list: a config reload changes it in place
 
     def inference(path: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handler(request: web.Request) -> web.StreamResponse:

@@ -15,7 +15,8 @@ import orjson
 from aiohttp import web
 
 from cortex.engine.lifecycle import Lease
-from cortex.errors import BadRequest, CortexError, PayloadTooLarge, Unauthorized, UnknownModel
+from cortex.engine.state import NodeStatus
+from cortex.errors import BadRequest, CortexError, NoNodeAvailable, PayloadTooLarge, Unauthorized, UnknownModel
 from cortex.proxy.forward import Call
 
 if TYPE_CHECKING:
@@ -95,14 +96,49 @@ def resolve_model(engine: Engine, data: dict[str, Any]) -> tuple[str, str]:
         default = engine.default_model()
         if default is None:
             raise BadRequest("`model` is required (no pinned model to default to)", param="model")
+        if (down := unreachable(engine, default, default)) is not None:
+            raise down
         return default, default
     if not isinstance(name, str) or not name:
         raise BadRequest("`model` must be a non-empty string", param="model")
     model = engine.resolve(name)
+    if (down := unreachable(engine, name, model)) is not None:
+        raise down
     if model is None:
         served = ", ".join(engine.served_models()) or "none"
         raise UnknownModel(f"model {name!r} is not served by this gateway; available models: {served}")
     return name, model
+
+
+def unreachable(engine: Engine, name: str, model: str | None) -> NoNodeAvailable | None:
+    """The retryable 503 for a model no answering node lists while nodes that might serve it are down.
+
+    Nodes list their models only once they answer a poll, so with nodes down (or not polled yet) a model
+    the config names (a pin, a ``[[models]]`` entry or alias) is not unknown, only out of reach for now;
+    nor is any model when no node at all is up. A 404 would tell a client to give up on it. The hot path
+    pays one dict lookup: a model some node lists returns at once.
+
+    Args:
+        engine: the engine.
+        name: the name the client asked for.
+        model: what it resolved to (None when nothing matched).
+    """
+    fleet = engine.fleet
+    if model is not None and model in fleet.nodes_by_model():
+        return None
+    down = [n for n in fleet.nodes.values() if n.status in (NodeStatus.DOWN, NodeStatus.UNKNOWN)]
+    if not down:
+        return None
+    settings = engine.settings
+    pinned_on = {
+        n for n in fleet.nodes if fleet.is_pinned(n, name) or (model is not None and fleet.is_pinned(n, model))
+    }
+    configured = model is not None or bool(pinned_on) or settings.model_facts(name) is not None
+    if not configured and len(down) < len(fleet.nodes):
+        return None
+    named = [n for n in down if n.name in pinned_on] or down
+    where = ", ".join(f"{n.name} ({n.status.value}{': ' + n.last_error if n.last_error else ''})" for n in named)
+    return NoNodeAvailable(f"model {name!r} cannot be served now: no node that serves it is up; {where}")
 
 
 def cortex_headers(call: Call, upstream_request_id: str | None = None) -> dict[str, str]:
@@ -153,7 +189,7 @@ async def acquire_streaming(
             response.headers["x-cortex-model"] = call.model
             await response.prepare(request)
         loading = engine.fleet.loading.get(call.model)
-        where = loading[0] if loading else "a node"
+        where = loading[0] if loading else ""  # "": nothing loads it; it waits for a node (drained, restarting)
         try:
             await response.write(notice(call.model, where, waited))
         except ConnectionResetError:

@@ -198,6 +198,8 @@ async def _unary(engine: Engine, call: Call, path: str, raw: bytes, headers: dic
 
 
 def _openai_notice(model: str, node: str, elapsed: float) -> bytes:
+    if not node:  # no load runs: it waits for a node that serves it to take requests again (a drain, a restart)
+        return f": waiting for {model} ({int(elapsed)} s)\n\n".encode()
     return f": loading {model} on {node} ({int(elapsed)} s)\n\n".encode()
 
 

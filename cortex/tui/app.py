@@ -14,7 +14,7 @@ import datetime as dt
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from textual import on, work
 from textual.app import App
@@ -35,7 +35,7 @@ from cortex.tui.screens.dashboard import DashboardScreen
 from cortex.tui.screens.help import HelpScreen
 from cortex.tui.themes import FALLBACK_THEME, find_theme_dir, load_themes
 
-__all__ = ["CortexApp"]
+__all__ = ["CortexApp", "RemoteLink"]
 
 FLEET_ACTIONS = frozenset({"pin", "unload", "load", "drain", "restart"})
 """Actions that change the fleet: refused in read-only mode."""
@@ -51,6 +51,18 @@ BUSY_IN_FLIGHT = 32
 """...or with this many requests in flight."""
 BUSY_REFRESH_HZ = 1.0
 """The console's redraw rate while the gateway is busy (``tui.refresh_hz`` otherwise)."""
+TOASTS_MAX = 3
+"""Notifications shown at once (2 on a short terminal): older ones give way, so a burst never covers the
+header and the tables."""
+
+
+@runtime_checkable
+class RemoteLink(Protocol):
+    """A facade that reaches its engine over the network (``cortex attach``) and can lose it."""
+
+    def link_status(self) -> str:
+        """What is wrong with the link ("" while it is up), e.g. ``reconnecting in 4 s: connection refused``."""
+        ...
 
 
 class CortexApp(App[int]):
@@ -82,6 +94,8 @@ class CortexApp(App[int]):
         theme_dir: Path | None = None,
         clock: Callable[[], float] = time.time,
         tz: dt.tzinfo | None = None,
+        metrics_url: str = "",
+        attached: bool = False,
     ) -> None:
         """Build the console.
 
@@ -89,22 +103,28 @@ class CortexApp(App[int]):
             engine: the engine facade (snapshot, subscribe, submit).
             settings: the settings; the console reads ``tui``.
             gateway_url: the address shown in the header (where clients reach the gateway).
-            read_only: refuse every key that would change the fleet.
+            read_only: refuse every key that would change the fleet (they leave the footer too).
             theme_dir: where theme files live (else ``tui.theme_dir``, else the shipped ``themes/``).
             clock: wall-clock time source for uptime and ages (tests fix it).
             tz: zone of the request log's times (None = local).
+            metrics_url: where Prometheus scrapes, shown in the header and the help.
+            attached: the console watches a gateway running elsewhere (``cortex attach``): quitting it
+                stops nothing.
         """
         super().__init__()
         self.engine = engine
         self.settings = settings
         self.gateway_url = gateway_url
+        self.metrics_url = metrics_url
+        self.attached = attached
         self.read_only = read_only
         self.clock = clock
+        self._link = ""
         self._last_tick = float("-inf")
         self._last_seen = time.monotonic()
         self._last_requests = 0
         self._busy = False
-        self.dashboard = DashboardScreen(address=gateway_url, read_only=read_only, tz=tz)
+        self.dashboard = DashboardScreen(address=gateway_url, read_only=read_only, tz=tz, metrics=metrics_url)
         self._commands: dict[Worker[Any], Command] = {}
         self._theme_problems: list[str] = []
         self.theme_cycle = self._load_themes(theme_dir)
@@ -140,9 +160,38 @@ class CortexApp(App[int]):
         return cycle
 
     def action_next_theme(self) -> None:
-        """Switch to the next loaded theme."""
+        """Switch to the next loaded theme, and say which it is."""
         index = self.theme_cycle.index(self.theme) if self.theme in self.theme_cycle else -1
-        self.theme = self.theme_cycle[(index + 1) % len(self.theme_cycle)]
+        index = (index + 1) % len(self.theme_cycle)
+        self.theme = self.theme_cycle[index]
+        self.notify(f"{self.theme} ({index + 1} of {len(self.theme_cycle)})", title="theme", markup=False)
+
+    # -- notifications ------------------------------------------------------------------------------
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = True,
+    ) -> None:
+        """Textual's notify, less repeats and less stacking.
+
+        A notice already on screen is not shown twice, and only the newest few stay up (``TOASTS_MAX``,
+        two below 30 lines): a burst of events (a node going down takes its models with it) would
+        otherwise stack toasts up the whole screen and over the header.
+        """
+        shown = list(self._notifications)  # Textual keeps no public list of what is on screen
+        if any(n.message == message and n.title == title for n in shown):
+            return
+        keep = (TOASTS_MAX if self.size.height >= 30 else 2) - 1
+        if len(shown) > keep:
+            for old in shown[: len(shown) - keep]:
+                self._unnotify(old, refresh=False)
+            self._refresh_notifications()
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -171,7 +220,21 @@ class CortexApp(App[int]):
         if self._busy and now - self._last_tick < busy_period:
             return
         self._last_tick = now
+        self._check_link()
         self.refresh_views()
+
+    def _check_link(self) -> None:
+        """Show the state of the link to a remote gateway in the header, and say when it changes."""
+        if not isinstance(self.engine, RemoteLink):
+            return
+        link = self.engine.link_status()
+        if link != self._link:
+            if link and not self._link:
+                self.notify(f"lost the gateway at {self.gateway_url}: {link}", severity="error", markup=False)
+            elif self._link and not link:
+                self.notify(f"connected to {self.gateway_url}", markup=False)
+            self._link = link
+            self.dashboard.link = link
 
     def refresh_views(self) -> None:
         """Hand the current snapshot to every screen that shows the fleet."""
@@ -205,6 +268,8 @@ class CortexApp(App[int]):
     # -- keys ---------------------------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in FLEET_ACTIONS and self.read_only:
+            return False  # not offered at all: the footer leaves them out
         if action in DASHBOARD_ACTIONS and self.screen is not self.dashboard:
             return False
         return not (isinstance(self.screen, ModalScreen) and action in BLOCKED_BY_DIALOGS)
@@ -223,7 +288,7 @@ class CortexApp(App[int]):
 
     async def action_quit(self) -> None:
         in_flight = self.engine.snapshot().totals.in_flight
-        if in_flight <= 0:
+        if in_flight <= 0 or self.attached:
             self.exit(0)
             return
         question = (
@@ -234,7 +299,11 @@ class CortexApp(App[int]):
 
     def action_help(self) -> None:
         bindings = [b for b in self.BINDINGS if isinstance(b, Binding)]
-        _ = self.push_screen(HelpScreen(bindings, read_only=self.read_only))
+        where = [f"gateway {self.gateway_url}" + (" (attached)" if self.attached else "")]
+        if self.metrics_url:
+            where.append(f"metrics {self.metrics_url}")
+        where.append(f"theme {self.theme} (t: next of {len(self.theme_cycle)})")
+        _ = self.push_screen(HelpScreen(bindings, read_only=self.read_only, about=where))
 
     def action_filter(self) -> None:
         self.dashboard.open_filter()
@@ -282,12 +351,22 @@ class CortexApp(App[int]):
 
     def action_restart(self) -> None:
         sel = self._selected("node", "restart")
-        if sel is not None:
-            question = (
-                f"Restart mistralrs on {sel.key}? It is drained first (in-flight requests finish), "
-                "then restarted through its agent, and its pinned models are loaded again."
+        if sel is None:
+            return
+        node = self.engine.snapshot().node(sel.key)
+        if node is not None and node.agent is None:
+            self.notify(
+                f"restart: {sel.key} has no agent; a restart needs `cortex agent` running beside its mistralrs",
+                severity="warning",
+                markup=False,
             )
-            self._confirm(question, lambda: self.submit(commands.RestartNode(sel.key)), yes="Restart")
+            return
+        stale = "" if node is None or node.agent is None or node.agent.fresh else " Its agent has not reported lately."
+        question = (
+            f"Restart mistralrs on {sel.key}? It is drained first (in-flight requests finish), "
+            f"then restarted through its agent, and its pinned models are loaded again.{stale}"
+        )
+        self._confirm(question, lambda: self.submit(commands.RestartNode(sel.key)), yes="Restart")
 
     def _confirm(self, question: str, then: Callable[[], object], *, yes: str = "Yes") -> None:
         def answered(answer: bool | None) -> None:

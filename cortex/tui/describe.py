@@ -185,6 +185,12 @@ def event_notice(event: events.Event) -> Notice | None:
             return Notice(f"{model} loaded on {node} in {fmt.duration(secs)}")
         case events.ModelUnloaded(node=node, model=model, reason="evict"):
             return Notice(f"{model} evicted from {node}")
+        case events.ConfigReloaded(ok=False, message=message, errors=errors):
+            return Notice("\n".join((message, *errors[1:4])), "error")
+        case events.ConfigReloaded(message=message, restart_needed=restart) if restart:
+            return Notice(message, "warning")
+        case events.ConfigReloaded(message=message):
+            return Notice(message)
     return None
 
 

@@ -72,8 +72,11 @@ class ColumnSpec:
     key: str
     label: str
     width: int
+    """The fewest cells the column gets; fleet tables widen it to its content when there is room."""
     flex: bool = False
     right: bool = False
+    trim: bool = False
+    """A model id: when it does not fit, its ``org/`` goes before its name is cut."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,19 +93,19 @@ def cell(text: str, tone: str = "") -> Cell:
 
 
 NODE_COLUMNS = (
-    ColumnSpec("node", "node", 11),
-    ColumnSpec("status", "status", 10),
+    ColumnSpec("node", "node", 10),
+    ColumnSpec("status", "status", 8),
     ColumnSpec("vram", "VRAM used/total", 17),
     ColumnSpec("models", "loaded models", 8, flex=True),
     ColumnSpec("in_flight", "busy", 4, right=True),
     ColumnSpec("defrag", "defrag", 6, right=True),
     ColumnSpec("agent", "agent", 8),
 )
-"""At 80 columns the flexible column gets 15 cells."""
+"""The minimum widths; the fleet tables widen each column to its content when there is room."""
 MODEL_COLUMNS = (
-    ColumnSpec("model", "model", 12, flex=True),
+    ColumnSpec("model", "model", 12, flex=True, trim=True),
     ColumnSpec("nodes", "node(s)", 10),
-    ColumnSpec("state", "state", 11),
+    ColumnSpec("state", "state", 8),
     ColumnSpec("pin", "pin", 3),
     ColumnSpec("vram", "VRAM", 5, right=True),
     ColumnSpec("in_flight", "busy", 4, right=True),
@@ -125,12 +128,25 @@ REQUEST_COLUMNS = (
 )
 
 
-def header_line(snap: FleetSnapshot, now: float, *, address: str, read_only: bool) -> Cell:
-    """The one-line header: where the gateway listens, uptime, throughput and trouble."""
+def header_line(
+    snap: FleetSnapshot, now: float, *, address: str, read_only: bool, link: str = "", metrics: str = ""
+) -> Cell:
+    """The one-line header: where the gateway listens, uptime, throughput and trouble.
+
+    Args:
+        snap: the fleet.
+        now: the time to render ages against.
+        address: the gateway's URL.
+        read_only: whether the console refuses actions.
+        link: what is wrong with the link to a remote gateway (``cortex attach``), "" when it is fine.
+        metrics: where Prometheus scrapes (shown last: the first thing a narrow terminal cuts).
+    """
     totals = snap.totals
     spans: list[Span] = [(" cortex ", "accent")]
     if read_only:
         spans.append(("read-only ", "warning"))
+    if link:
+        spans.append((f"{link} ", "error"))
     spans += [
         (address or snap.gateway, ""),
         (f"  up {fmt.duration(now - snap.started_at)}", ""),
@@ -141,6 +157,11 @@ def header_line(snap: FleetSnapshot, now: float, *, address: str, read_only: boo
     ]
     if totals.queued:
         spans.append((f", {totals.queued} queued", "warning"))
+    if metrics:
+        host = (address or "").rsplit(":", 1)[0]
+        if host and metrics.startswith(host + ":"):
+            metrics = metrics[len(host) :]  # same host as the gateway: ":9100/metrics" says it
+        spans.append((f"  metrics {metrics}", "muted"))
     return tuple(spans)
 
 
@@ -163,13 +184,13 @@ def vram_bar(used: int, total: int, width: int = 6, *, approx: bool = False) -> 
 
 
 def _node_models(node: NodeSnapshot) -> Cell:
-    spans: list[Span] = []
-    for slot in node.slots:
-        if slot.state in (SlotState.LOADED, SlotState.LOADING, SlotState.STUCK):
-            sep = ", " if spans else ""
-            tone = "" if slot.state is SlotState.LOADED else "warning"
-            spans.append((sep + fmt.short_model(slot.model_id), tone))
-    return tuple(spans) or cell("none", "muted")
+    """The models loaded on a node; loads in progress (or stuck) only as a count after them."""
+    loaded = [fmt.short_model(slot.model_id) for slot in node.slots if slot.state is SlotState.LOADED]
+    busy = sum(slot.state in (SlotState.LOADING, SlotState.STUCK) for slot in node.slots)
+    spans: list[Span] = [(", ".join(loaded), "")] if loaded else [("none", "muted")]
+    if busy:
+        spans.append((f" +{busy} loading", "warning"))
+    return tuple(spans)
 
 
 def _agent(node: NodeSnapshot, now: float) -> Cell:
@@ -232,6 +253,8 @@ def _where(model: ModelView) -> Cell:
         return cell(", ".join(model.nodes))
     if model.loading_on:
         return cell(model.loading_on, "warning")
+    if len(model.listed_on) > 1:  # where it could go: the first node says enough in a narrow column
+        return ((model.listed_on[0], "muted"), (f" +{len(model.listed_on) - 1}", "muted"))
     return cell(", ".join(model.listed_on), "muted")
 
 

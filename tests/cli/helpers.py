@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-ANNOUNCE = re.compile(r"cortex gateway on (http://\S+)")
+ANNOUNCE = re.compile(r"cortex gateway on .*?(http://[^\s;)]+)")
 
 
 def cortex_env(tmp_path: Path, **extra: str) -> dict[str, str]:

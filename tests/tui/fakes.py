@@ -247,6 +247,7 @@ def build_app(
         engine if engine is not None else FakeEngine(),
         settings,
         gateway_url="http://127.0.0.1:8000",
+        metrics_url="http://127.0.0.1:9100/metrics",
         read_only=read_only,
         theme_dir=theme_dir,
         clock=lambda: NOW,

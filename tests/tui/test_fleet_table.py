@@ -7,7 +7,7 @@ import random
 from textual.app import App, ComposeResult
 
 from cortex.tui.render import ColumnSpec, cell
-from cortex.tui.widgets.fleet_table import FleetTable
+from cortex.tui.widgets.fleet_table import FleetTable, column_widths
 
 COLUMNS = (ColumnSpec("name", "name", 5), ColumnSpec("value", "value", 5, flex=True, right=True))
 
@@ -54,3 +54,54 @@ async def test_tones_follow_the_theme() -> None:
         assert before.color != after.color
         assert "".join(s.text for s in table.segments(cell("abcdefgh"), 6)) == " abcd…"
         assert "".join(s.text for s in table.segments(cell("ab"), 6, right=True)) == "    ab"
+
+
+def test_columns_share_the_width_by_content() -> None:
+    specs = (
+        ColumnSpec("node", "node", 5),
+        ColumnSpec("models", "models", 6, flex=True),
+        ColumnSpec("agent", "agent", 5),
+    )
+    # Room for everything: each column as wide as its content (+1 gap), the rest stays at the right.
+    assert column_widths(specs, 60, (12, 30, 5)) == (13, 31, 6)
+    # Tight: the identity column (node names) is served first, then the others share what is left.
+    assert column_widths(specs, 40, (12, 30, 5)) == (13, 21, 6)
+    # Tighter than the identity wants: it takes what there is; nobody goes below its minimum.
+    assert column_widths(specs, 20, (12, 30, 5)) == (7, 7, 6)
+    assert column_widths(specs, 10, (12, 30, 5)) == (6, 7, 6)
+    # Max-min fair among the rest: the small need is met in full before the big one takes the remainder.
+    three = (ColumnSpec("id", "id", 2), ColumnSpec("a", "a", 2), ColumnSpec("b", "b", 2))
+    assert column_widths(three, 20, (2, 4, 40)) == (3, 5, 12)
+    # Without content widths: the old rule, the flex column takes what the others leave.
+    assert column_widths(specs, 40, None) == (6, 28, 6)
+
+
+async def test_a_narrow_model_column_drops_the_org_before_cutting_the_name() -> None:
+    app = TableApp()
+    async with app.run_test(size=(40, 20)):
+        table = app.query_one(FleetTable)
+
+        def shown(text: str, width: int, *, trim: bool) -> str:
+            return "".join(s.text for s in table.segments(cell(text), width, trim=trim))
+
+        assert shown("google/gemma-3-12b-it", 16, trim=True) == " gemma-3-12b-it "
+        assert shown("google/gemma-3-4b-it", 16, trim=True) == " gemma-3-4b-it  "
+        assert shown("google/gemma-3-12b-it", 16, trim=False) == " google/gemma-3…"
+        assert shown("meta-llama/Llama-3.3-70B", 12, trim=True) == " Llama-3.3-…"
+        assert shown("Qwen/Qwen3-4B", 16, trim=True) == " Qwen/Qwen3-4B  "  # it fits: nothing trimmed
+
+
+async def test_the_columns_widen_to_new_content_and_keep_the_cursor() -> None:
+    app = TableApp()
+    async with app.run_test(size=(40, 20)) as pilot:
+        table = app.query_one(FleetTable)
+        table.sync([(k, (cell(k), cell("1"))) for k in ("a", "b", "c")])
+        await pilot.pause()
+        table.move_cursor(row=2)
+        before = table.widths
+        assert before == (6, 6)  # "name" 4 < min 5, "value" 5
+        table.sync([(k, (cell(k * 12), cell("1"))) for k in ("a", "b", "c")])
+        await pilot.pause()
+        assert table.widths == (13, 6)
+        assert table.selected_key == "c"
+        assert table.cell_text(2, "name") == "c" * 12

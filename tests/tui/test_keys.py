@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from textual.widgets import Static
+from textual.widgets._footer import FooterKey
+
 from cortex.engine import CommandResult, NodeStatus, commands, events
+from cortex.tui.app import CortexApp
 from cortex.tui.messages import CommandFinished, CommandSubmitted, EngineEventReceived
 from cortex.tui.screens.confirm import ConfirmScreen
 from tests.tui.fakes import GEMMA, LLAMA, PHI, FakeEngine, build_app, build_fleet
@@ -140,7 +144,17 @@ async def test_model_keys_need_a_model_and_node_keys_a_node(engine: FakeEngine, 
         assert "select a node first" in notes[3].message
 
 
-async def test_read_only_submits_nothing_and_says_why(engine: FakeEngine, messages: Messages) -> None:
+ACTIONS = {"pin", "unload", "load", "drain", "restart"}
+
+
+def footer_actions(app: CortexApp) -> set[str]:
+    """The actions the dashboard's footer offers right now."""
+    return {key.action for key in app.dashboard.query(FooterKey)}
+
+
+async def test_read_only_offers_no_action_in_the_footer_and_submits_nothing(
+    engine: FakeEngine, messages: Messages
+) -> None:
     app = build_app(engine, read_only=True)
     async with app.run_test(size=(120, 40), message_hook=messages.append) as pilot:
         for kind, key, keys in (("model", LLAMA, "pur"), ("node", "gpu-large", "dR")):
@@ -150,9 +164,47 @@ async def test_read_only_submits_nothing_and_says_why(engine: FakeEngine, messag
                 assert app.screen is app.dashboard
         await settle(pilot)
         assert engine.submitted == []
-        notes = messages.notifications()
-        assert len(notes) == 5
-        assert all(n.message.startswith("read-only console: ") for n in notes)
+        offered = footer_actions(app)
+        assert not offered & ACTIONS
+        assert {"quit", "help", "filter"} <= offered
+    writable = build_app(FakeEngine())
+    async with writable.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        assert footer_actions(writable) >= ACTIONS  # the same footer, read-write, offers them all
+
+
+async def test_restart_on_a_node_without_an_agent_says_so_and_asks_nothing(messages: Messages) -> None:
+    fleet = build_fleet()
+    large = fleet.nodes[0]
+    engine = FakeEngine(replace(fleet, nodes=(replace(large, agent=None), *fleet.nodes[1:])))
+    app = build_app(engine)
+    async with app.run_test(size=(120, 40), message_hook=messages.append) as pilot:
+        await select(pilot, "node", "gpu-large")
+        await pilot.press("R")
+        await settle(pilot)
+        assert app.screen is app.dashboard  # no confirmation dialog
+        assert engine.submitted == []
+        [note] = messages.notifications()
+        assert note.severity == "warning"
+        assert "gpu-large has no agent" in note.message
+        await select(pilot, "node", "gpu-medium")  # it has one: the dialog comes
+        await pilot.press("R")
+        assert isinstance(app.screen, ConfirmScreen)
+
+
+async def test_t_names_the_theme_it_switched_to(engine: FakeEngine, messages: Messages) -> None:
+    app = build_app(engine)
+    async with app.run_test(size=(120, 40), message_hook=messages.append) as pilot:
+        first = app.theme
+        await pilot.press("t")
+        await pilot.pause()
+        assert app.theme != first
+        [note] = messages.notifications()
+        assert note.title == "theme"
+        assert note.message.startswith(f"{app.theme} (2 of ")
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert f"theme {app.theme}" in str(app.screen.query_one("#keys", Static).render())
 
 
 async def test_a_refused_command_is_an_error_notification(engine: FakeEngine, messages: Messages) -> None:

@@ -74,6 +74,22 @@ def test_header_shows_address_uptime_rates_and_errors() -> None:
     assert "error" in tones(line)
 
 
+def test_header_says_when_the_link_is_down_and_where_metrics_are() -> None:
+    line = header_line(
+        build_fleet(),
+        NOW,
+        address="http://gw:8000",
+        read_only=False,
+        link="reconnecting in 4 s: connection refused",
+        metrics="http://gw:9100/metrics",
+    )
+    assert text(line).startswith(" cortex reconnecting in 4 s: connection refused http://gw:8000  up 1h02m")
+    assert text(line).endswith("  metrics :9100/metrics")  # last: the first thing a narrow screen cuts
+    assert ("reconnecting in 4 s: connection refused ", "error") in line
+    elsewhere = header_line(build_fleet(), NOW, address="http://gw:8000", read_only=False, metrics="http://m:9/metrics")
+    assert text(elsewhere).endswith("  metrics http://m:9/metrics")
+
+
 def test_node_rows_show_status_vram_models_defrag_and_agent() -> None:
     rows = dict(node_rows(build_fleet(), NOW))
     large, medium, small = rows["gpu-large"], rows["gpu-medium"], rows["gpu-small"]
@@ -83,8 +99,9 @@ def test_node_rows_show_status_vram_models_defrag_and_agent() -> None:
     ]  # fmt: skip
     assert tones(large[1]) == {"success"}
     assert (text(medium[1]), tones(medium[1])) == ("draining", {"warning"})
-    assert text(medium[3]) == "gemma-2-9b-it, phi-4"
-    assert "warning" in tones(medium[3])
+    # Only what is loaded is listed; a load in progress is a count after it (issue 16).
+    assert text(medium[3]) == "gemma-2-9b-it +1 loading"
+    assert medium[3][-1] == (" +1 loading", "warning")
     assert text(medium[5]) == "3"
     assert tones(medium[5]) == {"warning"}
     assert (text(small[1]), tones(small[1])) == ("down", {"error"})

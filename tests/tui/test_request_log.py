@@ -38,9 +38,9 @@ async def test_header_then_rows_in_their_columns() -> None:
         log = app.query_one(RequestLog)
         log.sync(rows(3))
         await pilot.pause()
-        # 30 wide: time 4+1, st 3+1, model takes the rest less two cells kept for a scroll bar
-        assert line(log, 0) == " time model               st  "
-        assert line(log, 1) == " t00  model-0            200  "
+        # Columns as wide as their content (issue 16): time 4+1, model 7+1 ("model-2"), st 3+1, packed left.
+        assert line(log, 0) == " time model    st".ljust(30)
+        assert line(log, 1) == " t00  model-0 200".ljust(30)
         assert line(log, 3).startswith(" t02  model-2")
         assert line(log, 4).strip() == ""
         assert log.row_count == 3
@@ -106,15 +106,22 @@ async def test_tones_follow_the_theme() -> None:
         assert status_colour() != before
 
 
-async def test_resizing_changes_the_flex_column() -> None:
+async def test_columns_follow_their_content_within_the_width() -> None:
     app = LogApp()
     async with app.run_test(size=(30, 10)) as pilot:
         log = app.query_one(RequestLog)
         log.sync(rows(1))
         await pilot.pause()
         assert len(line(log, 1)) == 30
+        assert line(log, 1).index("200") == 14
+        long: Row = ("r9", (cell("t99"), cell("a-much-longer-model-id"), cell("503", "error")))
+        log.sync([long, *rows(1)])
+        await pilot.pause()
+        # The column grew as far as the width goes (two cells stay for a scroll bar)...
+        assert line(log, 1) == " t99  a-much-longer-mod… 503  "
+        await pilot.resize_terminal(24, 10)
+        await pilot.pause()
+        assert line(log, 1) == " t99  a-much-long… 503  "  # ...narrower: the model column gives way
         await pilot.resize_terminal(50, 10)
         await pilot.pause()
-        assert len(line(log, 1)) == 50
-        assert line(log, 1).rstrip().endswith("200")
-        assert line(log, 1).index("200") > 40
+        assert line(log, 1) == " t99  a-much-longer-model-id 503".ljust(50)  # wider: all of it, packed left

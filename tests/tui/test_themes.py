@@ -81,7 +81,12 @@ async def test_t_cycles_the_loaded_themes(messages: Messages) -> None:
         assert app.theme == "cortex-light"
         await pilot.press("t")
         assert app.theme == "cortex-dark"
-        assert messages.notifications() == []
+        # Each switch names the theme it switched to (issue 16), and nothing else is said.
+        notes = [(n.title, n.message, n.severity) for n in messages.notifications()]
+        assert notes == [
+            ("theme", "cortex-light (2 of 2)", "information"),
+            ("theme", "cortex-dark (1 of 2)", "information"),
+        ]
 
 
 async def test_a_builtin_textual_theme_can_be_configured(messages: Messages) -> None:
@@ -90,4 +95,4 @@ async def test_a_builtin_textual_theme_can_be_configured(messages: Messages) -> 
         assert app.theme == "nord"
         await pilot.press("t")
         assert app.theme == "cortex-dark"
-        assert messages.notifications() == []
+        assert [(n.title, n.message) for n in messages.notifications()] == [("theme", "cortex-dark (2 of 3)")]

@@ -51,11 +51,14 @@ class DashboardScreen(Screen[None]):
 
     BINDINGS = [Binding("escape", "clear_filter", "clear filter", show=False)]
 
-    def __init__(self, *, address: str, read_only: bool, tz: dt.tzinfo | None = None) -> None:
+    def __init__(self, *, address: str, read_only: bool, tz: dt.tzinfo | None = None, metrics: str = "") -> None:
         super().__init__()
         self.address = address
         self.read_only = read_only
         self.tz = tz
+        self.metrics = metrics
+        self.link = ""
+        """What is wrong with the link to a remote gateway (set by the app), shown in the header."""
         self.needle = ""
         """The filter: a case-insensitive substring of node names, model ids and related names."""
         self.sorts = {"nodes": "name", "models": "id"}
@@ -110,10 +113,14 @@ class DashboardScreen(Screen[None]):
         snap, now, needle = self._snap, self._now, self.needle
         if snap is None:
             return
-        view = (int(now), needle, self.sorts["nodes"], self.sorts["models"])
+        view = (int(now), needle, self.sorts["nodes"], self.sorts["models"], self.link)
         if snap is not self._drawn_snap or view != self._drawn_view:
             self._drawn_snap, self._drawn_view = snap, view
-            self.header.show(header_line(snap, now, address=self.address, read_only=self.read_only))
+            self.header.show(
+                header_line(
+                    snap, now, address=self.address, read_only=self.read_only, link=self.link, metrics=self.metrics
+                )
+            )
             self.tables["nodes"].sync(node_rows(snap, now, needle=needle, sort=self.sorts["nodes"]))
             self.tables["models"].sync(model_rows(snap, now, needle=needle, sort=self.sorts["models"]))
         drawn = self._drawn_requests

@@ -42,20 +42,24 @@ class HelpScreen(ModalScreen[None]):
     HelpScreen > VerticalScroll { width: 84; max-width: 100%; height: auto; max-height: 100%; padding: 0 1; }
     """
 
-    def __init__(self, bindings: list[Binding], *, read_only: bool) -> None:
+    def __init__(self, bindings: list[Binding], *, read_only: bool, about: list[str] | None = None) -> None:
         super().__init__()
         self._keymap = bindings
         self._read_only = read_only
+        self._about = about or []
+        """Lines on where things are (gateway, metrics, theme), shown above the keys."""
 
     def compose(self) -> ComposeResult:
-        lines: list[Cell] = []
+        lines: list[Cell] = [((f" {text}", "muted"),) for text in self._about]
+        if lines:
+            lines.append(())
         for binding in self._keymap:
             text = binding.tooltip or binding.description
             lines.append(((f" {key_name(binding):>6}  ", "accent"), (text, "")))
         for key, text in WIDGET_KEYS:
             lines.append(((f" {key:>6}  ", "accent"), (text, "")))
         if self._read_only:
-            lines.append((("read-only console: p u r d R only say why they are disabled", "warning"),))
+            lines.append((("read-only console: p u r d R are disabled", "warning"),))
         with VerticalScroll() as scroll:
             scroll.border_title = "help · esc closes"
             yield Static(tone_content(lines), id="keys")

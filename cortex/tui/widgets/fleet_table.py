@@ -33,13 +33,20 @@ TONES = ("success", "warning", "error", "muted", "accent")
 """Tones a cell may use; each is a component class ``tone--<name>``."""
 
 
-def paint(spans: Cell, width: int, style_of: Callable[[str], Style], *, right: bool = False) -> list[Segment]:
+def paint(
+    spans: Cell, width: int, style_of: Callable[[str], Style], *, right: bool = False, trim: bool = False
+) -> list[Segment]:
     """Toned runs as one line of exactly `width` cells, led by a one-cell gap, cut with an ellipsis.
 
     Cells are painted straight to segments rather than through ``rich.text.Text``: a table cell is one
     line, and skipping Text's wrapping machinery makes a repaint about five times cheaper. ``style_of``
-    gives a tone's style (the ``tone--*`` component classes of the widget that paints).
+    gives a tone's style (the ``tone--*`` component classes of the widget that paints). ``trim``: a cell
+    that does not fit loses its leading ``org/`` first, so that ``google/gemma-3-12b-it`` and
+    ``google/gemma-3-4b-it`` stay told apart in a narrow column instead of both becoming ``google/gemma-3…``.
     """
+    if trim and spans and "/" in spans[0][0] and 1 + sum(cell_len(run) for run, _ in spans) > width:
+        first, tone = spans[0]
+        spans = ((first.rsplit("/", 1)[1], tone), *spans[1:])
     out = [Segment(" ")]
     used = 1
     for run, tone in spans:
@@ -62,13 +69,32 @@ def paint(spans: Cell, width: int, style_of: Callable[[str], Style], *, right: b
     return out
 
 
-def column_widths(specs: Sequence[ColumnSpec], width: int) -> tuple[int, ...]:
+def column_widths(specs: Sequence[ColumnSpec], width: int, natural: Sequence[int] | None = None) -> tuple[int, ...]:
     """Each column's width in cells (its one-cell gap included) when the table is ``width`` wide.
 
-    The flex column takes what the fixed ones leave, but never less than its own width.
+    Every column gets at least its own ``width``. Without ``natural`` the flex column takes what the others
+    leave. With ``natural`` (each column's widest content), columns share the room by content: the first
+    column, the row's identity (a node name, a model id), is widened to its content first, as far as the
+    room goes; then the rest is shared max-min fair: first to the columns that need least to show
+    everything, and what the wide ones (a list of models) cannot all have is split evenly between them.
+    Room left once every column shows its content stays at the right: a wide terminal gets whole columns
+    packed together, not a flex column stretched across a hundred empty cells.
     """
-    fixed = sum(spec.width + 1 for spec in specs if not spec.flex)
-    return tuple((max(spec.width, width - fixed - 1) if spec.flex else spec.width) + 1 for spec in specs)
+    if natural is None:
+        fixed = sum(spec.width + 1 for spec in specs if not spec.flex)
+        return tuple((max(spec.width, width - fixed - 1) if spec.flex else spec.width) + 1 for spec in specs)
+    widths = [spec.width for spec in specs]
+    room = width - len(specs) - sum(widths)
+    wants = [max(0, want - spec.width) for spec, want in zip(specs, natural, strict=True)]
+    if specs and room > 0:
+        widths[0] += min(wants[0], room)
+        room -= widths[0] - specs[0].width
+    needs = sorted((need, i) for i, need in enumerate(wants) if need > 0 and i > 0)
+    for left, (need, i) in zip(range(len(needs), 0, -1), needs, strict=True):
+        share = min(need, max(0, room) // left)
+        widths[i] += share
+        room -= share
+    return tuple(w + 1 for w in widths)
 
 
 class ToneStyles:
@@ -98,23 +124,30 @@ class ToneStyles:
 class ToneText:
     """One cell: toned runs rendered by its table with the current theme."""
 
-    __slots__ = ("_table", "right", "row_key", "spans")
+    __slots__ = ("_table", "right", "row_key", "spans", "trim")
 
-    def __init__(self, table: FleetTable, row_key: str, spans: Cell, *, right: bool = False) -> None:
+    def __init__(
+        self, table: FleetTable, row_key: str, spans: Cell, *, right: bool = False, trim: bool = False
+    ) -> None:
         self._table = table
         self.row_key = row_key
         self.spans = spans
         self.right = right
+        self.trim = trim
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> list[Segment]:
-        return self._table.segments(self.spans, options.max_width, right=self.right)
+        return self._table.segments(self.spans, options.max_width, right=self.right, trim=self.trim)
 
     def __str__(self) -> str:
         return "".join(text for text, _ in self.spans)
 
 
 class FleetTable(DataTable[ToneText]):
-    """A row-cursor table of fixed-width columns, one of which takes the width left over."""
+    """A row-cursor table whose columns share the width by content (see :func:`column_widths`).
+
+    Column widths follow the widest content seen since the last resize and only grow in between, so a
+    figure that flickers between three and four digits never re-lays the table out at every redraw.
+    """
 
     COMPONENT_CLASSES = {f"tone--{tone}" for tone in TONES}
     DEFAULT_CSS = """
@@ -131,6 +164,10 @@ class FleetTable(DataTable[ToneText]):
         self._specs = tuple(columns)
         self._rows: list[Row] = []
         self._flex_width = -1
+        self._natural = [cell_len(spec.label) for spec in self._specs]
+        """Each column's widest content since the last resize (labels included)."""
+        self._widths: tuple[int, ...] = ()
+        """The column widths in use."""
         self._tones = ToneStyles(self)
 
     @property
@@ -150,14 +187,27 @@ class FleetTable(DataTable[ToneText]):
         index = [spec.key for spec in self._specs].index(column)
         return "".join(text for text, _ in self._rows[row][1][index])
 
-    def segments(self, spans: Cell, width: int, *, right: bool = False) -> list[Segment]:
+    def segments(self, spans: Cell, width: int, *, right: bool = False, trim: bool = False) -> list[Segment]:
         """A cell's toned runs painted ``width`` cells wide (see :func:`paint`)."""
-        return paint(spans, width, self._tones, right=right)
+        return paint(spans, width, self._tones, right=right, trim=trim)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The columns' widths in cells, gaps included (for tests)."""
+        return self._widths
 
     def sync(self, rows: Sequence[Row]) -> None:
         """Show these rows (unique keys, in this order), touching only what changed."""
         if not self.columns:
             self._rows = list(rows)
+            return
+        if self._grow(rows):
+            selected = self.selected_key
+            self._rows = list(rows)
+            self._build(self._flex_width)  # the content outgrew the layout: lay the columns out again
+            keys = self.keys
+            if selected in keys and self.show_cursor:
+                self.move_cursor(row=keys.index(selected), animate=False)
             return
         selected = self.selected_key
         old = dict(self._rows)
@@ -198,12 +248,26 @@ class FleetTable(DataTable[ToneText]):
         super().notify_style_update()
 
     def _cells(self, key: str, cells: tuple[Cell, ...]) -> list[ToneText]:
-        return [ToneText(self, key, c, right=spec.right) for spec, c in zip(self._specs, cells, strict=True)]
+        return [
+            ToneText(self, key, c, right=spec.right, trim=spec.trim) for spec, c in zip(self._specs, cells, strict=True)
+        ]
+
+    def _grow(self, rows: Sequence[Row]) -> bool:
+        """Widen the content widths for these rows; True when the column widths change with them."""
+        natural = list(self._natural)
+        for _, cells in rows:
+            for i, spans in enumerate(cells):
+                natural[i] = max(natural[i], sum(cell_len(run) for run, _ in spans))
+        if natural == self._natural:
+            return False
+        self._natural = natural
+        return column_widths(self._specs, self._flex_width, natural) != self._widths
 
     def _build(self, width: int) -> None:
         self._flex_width = width
         self.clear(columns=True)
-        for spec, cols in zip(self._specs, column_widths(self._specs, width), strict=True):
+        self._widths = column_widths(self._specs, width, self._natural)
+        for spec, cols in zip(self._specs, self._widths, strict=True):
             label = Text(" " + spec.label, justify="right" if spec.right else "left", no_wrap=True)
             self.add_column(label, width=cols, key=spec.key)
         rows, self._rows = self._rows, []
@@ -216,6 +280,8 @@ class FleetTable(DataTable[ToneText]):
         width = max(0, event.size.width - 2)
         if width != self._flex_width:
             cursor = self.cursor_row
+            self._natural = [cell_len(spec.label) for spec in self._specs]
+            self._grow(self._rows)
             self._build(width)
             if self.row_count:
                 self.move_cursor(row=min(cursor, self.row_count - 1), animate=False)

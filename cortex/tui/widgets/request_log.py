@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich.cells import cell_len
 from textual import events
 from textual.geometry import Size
 from textual.scroll_view import ScrollView
@@ -42,6 +43,8 @@ class RequestLog(ScrollView, can_focus=False):
         self._widths: tuple[int, ...] = ()
         self._laid_out_for = -1
         self._lines: dict[tuple[Cell, ...], Strip] = {}
+        self._natural = [cell_len(spec.label) for spec in self._specs]
+        """Each column's widest content so far (it only grows, so the layout settles)."""
         self._header: Strip | None = None
         self._tones = ToneStyles(self)
 
@@ -62,6 +65,8 @@ class RequestLog(ScrollView, can_focus=False):
         if rows == self._rows:
             return
         self._rows = rows
+        if self._grow(rows):
+            self._laid_out_for = -1  # the content outgrew the columns: lay them out again at the next line
         kept = {cells: line for _, cells in rows if (line := self._lines.get(cells)) is not None}
         self._lines = kept
         self.virtual_size = Size(self.size.width, len(rows) + 1)
@@ -86,9 +91,19 @@ class RequestLog(ScrollView, can_focus=False):
             line = self._lines[cells] = self._paint_row(cells, width)
         return line
 
+    def _grow(self, rows: Sequence[Row]) -> bool:
+        """Widen the content widths for these rows; True when they grew (the layout is then stale)."""
+        natural = list(self._natural)
+        for _, cells in rows:
+            for i, spans in enumerate(cells):
+                natural[i] = max(natural[i], sum(cell_len(run) for run, _ in spans))
+        grew = natural != self._natural
+        self._natural = natural
+        return grew
+
     def _layout(self, width: int) -> None:
-        """Column widths for ``width`` (as the fleet tables: two cells kept for a scroll bar)."""
-        self._widths = column_widths(self._specs, max(0, width - 2))
+        """Column widths for ``width`` by content, as the fleet tables (two cells kept for a scroll bar)."""
+        self._widths = column_widths(self._specs, max(0, width - 2), self._natural)
         self._laid_out_for = width
         self._lines = {}
         self._header = None
