@@ -379,7 +379,7 @@ async def test_a_read_to_close_body_is_flagged(serve: Any, pool: UpstreamPool) -
     resp = await pool.post(server.url, "/x", b"", {})
     assert not resp.until_close
     await resp.read()
-    raw, url = await raw_server(answer_then_close(b"HTTP/1.1 200 OK\r\n\r\n{\"cut"))
+    raw, url = await raw_server(answer_then_close(b'HTTP/1.1 200 OK\r\n\r\n{"cut'))
     async with raw:
         resp = await pool.post(url, "/x", b"{}", {})
         assert resp.until_close
