@@ -22,6 +22,7 @@ import dataclasses
 import enum
 import json
 import logging
+import sys
 import time
 import types
 import typing
@@ -258,12 +259,18 @@ def snapshot_from_json(data: dict[str, Any]) -> FleetSnapshot:
 
 
 def _event_kinds() -> dict[str, type[Event]]:
+    """Every event class by its ``kind``.
+
+    ``@dataclass(slots=True)`` builds a new class and leaves the one it replaced among the base's
+    subclasses (until collected): only the class its module really exports counts.
+    """
     kinds: dict[str, type[Event]] = {}
     todo: list[type[Event]] = [Event]
     while todo:
         cls = todo.pop()
         todo.extend(cls.__subclasses__())
-        if cls is not Event:
+        module = sys.modules.get(cls.__module__)
+        if cls is not Event and getattr(module, cls.__qualname__, None) is cls:
             kinds[cls.kind] = cls
     return kinds
 

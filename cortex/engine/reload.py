@@ -151,12 +151,9 @@ class Reloader:
         changes += self._apply_nodes(old, new)
         engine.fleet.touch()
         engine.lifecycle.changed()
-        if not changes and not restart:
-            message = "config unchanged"
-        else:
-            message = f"config applied: {len(changes)} change(s)" if changes else "config applied"
-            if restart:
-                message += f"; needs a restart: {', '.join(restart)}"
+        message = f"config applied: {len(changes)} change(s)" if changes else "config unchanged"
+        if restart:
+            message += f"; needs a restart: {', '.join(restart)}"
         return ReloadReport(True, message, tuple(changes), tuple(restart))
 
     def _apply_models(self, old: Settings, new: Settings) -> list[str]:

@@ -137,7 +137,7 @@ def unreachable(engine: Engine, name: str, model: str | None) -> NoNodeAvailable
     if not configured and len(down) < len(fleet.nodes):
         return None
     named = [n for n in down if n.name in pinned_on] or down
-    where = ", ".join(f"{n.name} ({n.status.value}{': ' + n.last_error if n.last_error else ''})" for n in named)
+    where = ", ".join(f"{n.name} ({n.status.value})" for n in named)  # never its endpoint or error: clients see this
     return NoNodeAvailable(f"model {name!r} cannot be served now: no node that serves it is up; {where}")
 
 
