@@ -101,8 +101,24 @@ class GatewaySettings(_Section):
     """Seconds a request may wait for its model to be placed and loaded."""
     max_queue: int = Field(default=1024, gt=0)
     """Requests that may wait per model; beyond it 503 (OpenAI) / 529 (Anthropic)."""
-    max_body_mb: float = Field(default=50.0, gt=0)
-    """Largest request body accepted, in MiB (413 beyond)."""
+    max_body_mb: float = Field(default=32.0, gt=0)
+    """Largest request body accepted, in MiB (413 beyond). 32 is the Anthropic API's own limit: a larger
+    body is rare and costs the gateway's loop time to parse and translate."""
+    max_response_mb: float = Field(default=64.0, gt=0)
+    """Largest non-streaming answer read from a node, in MiB (502 beyond); streams pass through uncapped."""
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """Seconds a new client connection has to send its first request head, and the longest silence while
+    a request body arrives; the connection is closed after it."""
+    keepalive_timeout_s: float = Field(default=15.0, gt=0)
+    """Seconds an idle client keep-alive connection stays open (a later request's head must arrive within it)."""
+    max_connections: int = Field(default=1000, gt=0)
+    """Client connections open at once; beyond it a new one gets 503 and is closed (kept below the process's
+    open-file limit; the effective figure is logged at start)."""
+    metrics_token: SecretStr = SecretStr("")
+    """When set, /metrics requires `Authorization: Bearer TOKEN` (on both `listen` and `metrics_listen`)."""
+    admin_hosts: list[str] = Field(default_factory=list)
+    """Host names, besides loopback addresses and `localhost`, that admin requests may carry in `Host` when
+    `admin_token` is empty (a browser page on another name is refused: DNS rebinding)."""
     drain_s: float = Field(default=30.0, ge=0)
     """On shutdown, seconds in-flight streams may take to finish."""
     watch_config: bool = False
@@ -157,6 +173,8 @@ def _check_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("not a URL (expected http://HOST:PORT)")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials in the URL are not supported (cortex sends no authentication to nodes)")
     try:
         _ = parts.port
     except ValueError:

@@ -113,6 +113,27 @@ class AgentHub:
 
     # -- reports ----------------------------------------------------------------------------------------
 
+    def authenticate(self, node: str, authorization: str | None) -> tuple[int, dict[str, Any]] | None:
+        """None when ``authorization`` carries the node's agent token, else the status and body to answer.
+
+        The gateway calls this before it reads a report's body, so that a client without the token
+        cannot make it read or parse anything (:meth:`handle_report` checks again, for direct callers).
+
+        Returns:
+            None, or 404 for an unknown node, or 401 for a missing or wrong token or a node without one.
+        """
+        entry = self._nodes.get(node)
+        if entry is None:
+            return 404, _error(f"unknown node {node!r}", "not_found_error")
+        if entry.token_digest is None:
+            log.warning("refused an agent report for node %r: its agent_token is empty", node)
+            return 401, _error(f"agent reports for node {node!r} are disabled (no agent_token)", "authentication_error")
+        presented = _bearer(authorization)
+        if presented is None or not hmac.compare_digest(_digest(presented), entry.token_digest):
+            log.warning("refused an agent report for node %r: missing or wrong token", node)
+            return 401, _error("missing or wrong agent token", "authentication_error")
+        return None
+
     def handle_report(self, node: str, authorization: str | None, body: object) -> tuple[int, dict[str, Any]]:
         """Authenticate, validate and store one agent report.
 
@@ -127,16 +148,10 @@ class AgentHub:
             the node has no ``agent_token``; 400 for a malformed report. Errors are
             ``{"error": {"message", "type"}}``.
         """
-        entry = self._nodes.get(node)
-        if entry is None:
-            return 404, _error(f"unknown node {node!r}", "not_found_error")
-        if entry.token_digest is None:
-            log.warning("refused an agent report for node %r: its agent_token is empty", node)
-            return 401, _error(f"agent reports for node {node!r} are disabled (no agent_token)", "authentication_error")
-        presented = _bearer(authorization)
-        if presented is None or not hmac.compare_digest(_digest(presented), entry.token_digest):
-            log.warning("refused an agent report for node %r: missing or wrong token", node)
-            return 401, _error("missing or wrong agent token", "authentication_error")
+        denied = self.authenticate(node, authorization)
+        if denied is not None:
+            return denied
+        entry = self._nodes[node]
         try:
             report = Report.model_validate(body)
         except ValidationError as exc:
@@ -300,8 +315,12 @@ def _bearer(authorization: str | None) -> str | None:
 
 
 def _digest(token: str) -> bytes:
-    """Hash before comparing, so that the comparison takes the same time whatever the lengths."""
-    return hashlib.sha256(token.encode("utf-8")).digest()
+    """Hash before comparing, so that the comparison takes the same time whatever the lengths.
+
+    ``surrogateescape``: a header with bytes that are not UTF-8 reaches here as surrogates; encoding them
+    back cannot fail, and such a token simply does not match.
+    """
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
 def _error(message: str, kind: str) -> dict[str, Any]:

@@ -18,7 +18,10 @@ when the node is known not to have read it: a *reused* connection reset (RST) be
 answer, which the kernel sends when the node's socket was already closed or dropped unread bytes. A
 connection that ends cleanly after the request went out is an error, never a retry: the node may be
 working on it. An answer head over :data:`MAX_HEAD`, a ``101 Switching Protocols`` and bytes nobody asked
-for are errors that drop the connection; :meth:`UpstreamResponse.read` takes a size cap; and a body
+for are errors that drop the connection. Stray bytes that arrive while a connection is idle are caught
+before it is reused; stray bytes that arrive after the next request went out look like its answer on the
+wire, so a request's ``x-request-id`` must come back in its answer once the node has shown it echoes
+ids (mistral.rs does), or the answer is refused. :meth:`UpstreamResponse.read` takes a size cap; and a body
 delimited by the end of the connection is flagged (:attr:`UpstreamResponse.until_close`), since a node
 that died mid-answer looks the same on the wire as one that finished. Error messages never name the
 endpoint: they reach clients, and the caller names the node.
@@ -194,6 +197,8 @@ class _Conn(asyncio.Protocol):
         self.reused = False
         self.got_bytes = False
         self.head_bytes = 0
+        self.request_id: str | None = None
+        self.out_of_step = False
         self.head: asyncio.Future[UpstreamResponse] | None = None
         self.response: UpstreamResponse | None = None
         self._headers = Headers()
@@ -218,7 +223,11 @@ class _Conn(asyncio.Protocol):
             self.abort()
             return
         except httptools.HttpParserError as exc:
-            self._fail(aiohttp.ClientPayloadError(f"malformed answer: {exc}"))
+            if self.out_of_step:
+                error = aiohttp.ClientPayloadError("the answer carries another request's x-request-id (out of step)")
+            else:
+                error = aiohttp.ClientPayloadError(f"malformed answer: {exc}")
+            self._fail(error)
             self.abort()
             return
         if self.response is None and self.head is not None:  # still reading the answer's head
@@ -261,6 +270,13 @@ class _Conn(asyncio.Protocol):
             self._headers = Headers()
             return
         headers, self._headers = self._headers, Headers()
+        if self.request_id is not None:
+            echoed = headers.get("x-request-id")
+            if echoed == self.request_id:
+                self.host.echoes_ids = True
+            elif echoed is not None or self.host.echoes_ids:
+                self.out_of_step = True  # an answer to another request, sent late: never hand it on
+                raise _Unasked
         self._until_close = (
             "content-length" not in headers and "chunked" not in (headers.get("transfer-encoding") or "").lower()
         )
@@ -288,11 +304,12 @@ class _Conn(asyncio.Protocol):
 
     # -- used by the pool and the response ------------------------------------------------------------
 
-    def send(self, data: bytes) -> asyncio.Future[UpstreamResponse]:
+    def send(self, data: bytes, request_id: str | None) -> asyncio.Future[UpstreamResponse]:
         assert self.transport is not None
         self.head = asyncio.get_running_loop().create_future()
         self.got_bytes = False
         self.head_bytes = 0
+        self.request_id = request_id
         self.transport.write(data)
         return self.head
 
@@ -351,10 +368,10 @@ class _Conn(asyncio.Protocol):
 
 
 async def _exchange(
-    loop: asyncio.AbstractEventLoop, conn: _Conn, data: bytes, deadline: float | None
+    loop: asyncio.AbstractEventLoop, conn: _Conn, data: bytes, request_id: str | None, deadline: float | None
 ) -> UpstreamResponse:
     """Send one request on ``conn`` and wait for the answer's head (until ``deadline``, loop time)."""
-    head = conn.send(data)
+    head = conn.send(data, request_id)
     timer = None if deadline is None else loop.call_at(deadline, conn.expire)
     try:
         return await head
@@ -390,6 +407,8 @@ class _Host:
         self.idle: deque[_Conn] = deque()
         self.open: set[_Conn] = set()
         self.poller = select.poll()
+        self.echoes_ids = False
+        """The node has echoed a request's ``x-request-id``: from then on, every answer must."""
         self._ssl: ssl.SSLContext | None = ssl.create_default_context() if self.tls else None
 
     def head(self, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:
@@ -487,7 +506,8 @@ class UpstreamPool:
         """Send ``body`` to ``endpoint + path``; return once the answer's status and headers arrived.
 
         ``timeout_s`` bounds the whole exchange up to the headers (connecting included). It is one timer
-        on the loop, not an ``asyncio.timeout`` block, which costs several times more per request.
+        on the loop, not an ``asyncio.timeout`` block, which costs several times more per request. An
+        ``x-request-id`` in ``headers`` must come back in the answer once the node has echoed one.
 
         Raises:
             TimeoutError: no answer's headers within ``timeout_s``.
@@ -499,16 +519,17 @@ class UpstreamPool:
         deadline = None if timeout_s is None else loop.time() + timeout_s
         host = self._host(endpoint)
         data = host.head(path, body, headers)
+        request_id = headers.get("x-request-id")
         conn = host.take()
         if conn is not None:
             # On an idle connection the request leaves now, before the first await.
             try:
-                return await _exchange(loop, conn, data, deadline)
+                return await _exchange(loop, conn, data, request_id, deadline)
             except _Dead:
                 pass  # reset unread: once more, on a new connection (never another idle one)
         conn = await host.connect(None if deadline is None else deadline - loop.time())
         try:
-            return await _exchange(loop, conn, data, deadline)
+            return await _exchange(loop, conn, data, request_id, deadline)
         except _Dead:  # cannot happen on a fresh connection; keep the type out of callers anyway
             raise aiohttp.ServerDisconnectedError() from None
 

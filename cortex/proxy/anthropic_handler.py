@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from cortex.proxy.common import (
     cortex_headers,
     counted,
     read_json,
+    shorten,
     unreachable,
 )
 from cortex.proxy.forward import Call, NodeReplyError, read_body, send, upstream_headers
@@ -63,6 +65,9 @@ log = logging.getLogger(__name__)
 
 PING_S = 10.0
 """A stream hears a ``ping`` at least this often while the node is silent."""
+TRANSLATE_INLINE_MAX = 1024 * 1024
+"""Request bodies at least this large are translated in a worker thread, off the loop."""
+_COUNT_ANSWER_MAX = 64 * 1024
 _PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 _COUNT_TOKENS_TIMEOUT_S = 5.0
 
@@ -86,6 +91,8 @@ def _from_cortex(exc: CortexError) -> AnthropicError:
         return AnthropicError(404, "not_found_error", exc.message, should_retry=False)
     if isinstance(exc, BadRequest):
         return AnthropicError(400, "invalid_request_error", exc.message, should_retry=False)
+    if exc.status == 408:  # the client's body stalled
+        return AnthropicError(408, "invalid_request_error", exc.message, should_retry=False)
     if exc.status == 503:
         return AnthropicError(529, "overloaded_error", exc.message, should_retry=True, retry_after=retry)
     if exc.status == 504:
@@ -132,7 +139,7 @@ def _model_of(engine: Engine, data: dict[str, Any]) -> tuple[str, str]:
         raise down
     if model is None:
         served = ", ".join(engine.served_models()) or "none"
-        raise UnknownModel(f"model: {name} is not served by this gateway; available models: {served}")
+        raise UnknownModel(f"model: {shorten(name)} is not served by this gateway; available models: {served}")
     return name, model
 
 
@@ -146,12 +153,16 @@ async def _messages(request: web.Request, engine: Engine, call: Call, keys: list
     estimate = 1
     try:
         check_api_key(request, keys)
-        _, data = await read_json(request, engine.settings.gateway.max_body_mb)
+        gateway = engine.settings.gateway
+        raw, data = await read_json(request, gateway.max_body_mb, gateway.header_timeout_s)
         name, call.model = _model_of(engine, data)
         facts = engine.settings.model_facts(call.model)
-        translated = to_openai(
-            data, upstream_model=call.model, max_output_tokens=facts.max_output_tokens if facts else None
+        translate = functools.partial(
+            to_openai, data, upstream_model=call.model, max_output_tokens=facts.max_output_tokens if facts else None
         )
+        # A large body takes a while to translate (about 10 ms per MB of many small messages): in a thread,
+        # the loop keeps serving other clients between the translation's slices of the GIL.
+        translated = translate() if len(raw) < TRANSLATE_INLINE_MAX else await asyncio.to_thread(translate)
         estimate = translated.input_tokens_estimate
         for warning in translated.warnings:
             log.info("anthropic request for %s: %s", name, warning)
@@ -172,6 +183,14 @@ async def _messages(request: web.Request, engine: Engine, call: Call, keys: list
         mapped = _from_node(exc, estimate)
         call.status = mapped.status
         return _respond(mapped, cortex_headers(call))
+    except (ClientGone, ConnectionResetError):
+        raise  # the client is gone: counted() records it, there is no one to answer
+    except Exception:
+        # A bug, not the client's fault: the lease was released by its owner (send, read_body, _translate);
+        # the client still gets an answer in its dialect, and the traceback goes to the log once.
+        log.exception("internal error serving %s %s", request.method, request.path)
+        call.status = 500
+        return anthropic_error_response(500, "api_error", "internal error in cortex (see the gateway's log)")
 
 
 async def _unary(
@@ -403,7 +422,8 @@ async def handle_count_tokens(request: web.Request, engine: Engine, keys: list[b
     """``POST /v1/messages/count_tokens``: the node's own count when it offers one, else cortex's estimate."""
     try:
         check_api_key(request, keys)
-        _, data = await read_json(request, engine.settings.gateway.max_body_mb)
+        gateway = engine.settings.gateway
+        _, data = await read_json(request, gateway.max_body_mb, gateway.header_timeout_s)
         _, model = _model_of(engine, data)
     except CortexError as exc:
         return _respond(_from_cortex(exc))
@@ -417,8 +437,8 @@ async def handle_count_tokens(request: web.Request, engine: Engine, keys: list[b
                     data=orjson.dumps(upstream),
                     headers=upstream_headers(None),
                 ) as resp:
-                    if resp.status == 200:
-                        answer = await resp.json(content_type=None)
+                    if resp.status == 200 and (resp.content_length or 0) <= _COUNT_ANSWER_MAX:
+                        answer = orjson.loads(await _read_small(resp.content, _COUNT_ANSWER_MAX))
                         counted = answer.get("input_tokens") if isinstance(answer, dict) else None
                         if isinstance(counted, int) and (counted > 0 or not data.get("messages")):
                             return web.json_response({"input_tokens": counted})
@@ -426,6 +446,16 @@ async def handle_count_tokens(request: web.Request, engine: Engine, keys: list[b
         return web.json_response(count_tokens(data))
     except AnthropicError as err:
         return _respond(err)
+
+
+async def _read_small(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """At most ``limit`` bytes of a node's answer (a longer one is cut, and then fails to parse)."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit and (data := await content.readany()):
+        parts.append(data)
+        size += len(data)
+    return b"".join(parts)
 
 
 def add_anthropic_routes(app: web.Application, engine: Engine, keys: list[bytes]) -> None:

@@ -4,16 +4,30 @@
 the runtime, not by the app, so the console and the gateway share one). ``serve`` is an async context
 manager around ``AppRunner``: on exit aiohttp stops accepting, lets in-flight handlers (live streams)
 finish for up to ``gateway.drain_s``, then closes.
+
+aiohttp's server has no connection limit and no deadline for a request head (its keep-alive timer, set
+from ``gateway.keepalive_timeout_s``, closes idle connections). So each listening socket hands new
+connections to :class:`_Guard`, a thin protocol in front of aiohttp's: past ``gateway.max_connections``
+it answers 503 and closes (one log line per episode, not one per accept), and a connection that has not
+sent a complete first request head within ``gateway.header_timeout_s`` is closed (a slowloris client
+cannot hold a file descriptor for good). Past the head it only forwards calls: nothing per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import hmac
+import json
 import logging
+import resource
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from cortex.config import parse_listen
@@ -21,7 +35,7 @@ from cortex.errors import ListenError, Unauthorized
 from cortex.proxy.admin import add_admin_routes
 from cortex.proxy.anthropic import AnthropicError
 from cortex.proxy.anthropic_handler import add_anthropic_routes, anthropic_error_response, anthropic_models
-from cortex.proxy.common import check_api_key
+from cortex.proxy.common import check_api_key, secret_bytes
 from cortex.proxy.errors import openai_error
 from cortex.proxy.openai import handle_openai, models_payload
 from cortex.proxy.responses import add_responses_routes
@@ -40,7 +54,8 @@ def create_app(engine: Engine) -> web.Application:
     """The client API, the admin API, ``/health`` and ``/ready`` on one app."""
     settings = engine.settings.gateway
     app = web.Application(
-        client_max_size=int(settings.max_body_mb * 1024 * 1024), handler_args={"max_field_size": 65536}
+        client_max_size=int(settings.max_body_mb * 1024 * 1024),
+        handler_args={"max_field_size": 65536, "keepalive_timeout": settings.keepalive_timeout_s},
     )
     app[ENGINE] = engine
     keys = engine.api_keys  # one shared list: a config reload changes it in place
@@ -84,7 +99,7 @@ def create_app(engine: Engine) -> web.Application:
     add_responses_routes(app, engine, keys)
     add_admin_routes(app, engine)
     if not settings.metrics_listen:
-        app.router.add_get("/metrics", make_aiohttp_handler(registry=engine.metrics.registry))
+        app.router.add_get("/metrics", _metrics_handler(engine))
 
     known = {r.resource.canonical: r.method for r in app.router.routes() if r.resource is not None}
 
@@ -105,9 +120,213 @@ def create_app(engine: Engine) -> web.Application:
 
 def create_metrics_app(engine: Engine) -> web.Application:
     """``/metrics`` alone, for ``gateway.metrics_listen``."""
-    app = web.Application()
-    app.router.add_get("/metrics", make_aiohttp_handler(registry=engine.metrics.registry))
+    app = web.Application(handler_args={"keepalive_timeout": engine.settings.gateway.keepalive_timeout_s})
+    app.router.add_get("/metrics", _metrics_handler(engine))
     return app
+
+
+def _metrics_handler(engine: Engine) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Prometheus' handler, behind ``gateway.metrics_token`` when one is set (read per scrape)."""
+    expose = make_aiohttp_handler(registry=engine.metrics.registry)
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        token = engine.settings.gateway.metrics_token.get_secret_value()
+        if token:
+            auth = request.headers.get("Authorization", "")
+            given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if not given or not hmac.compare_digest(secret_bytes(given), secret_bytes(token)):
+                return web.Response(
+                    status=401, text="metrics: missing or wrong bearer token\n", headers={"WWW-Authenticate": "Bearer"}
+                )
+        return await expose(request)
+
+    return metrics
+
+
+_BUSY_BODY = json.dumps(
+    {
+        "error": {
+            "message": "the gateway has too many open connections; retry shortly",
+            "type": "server_error",
+            "param": None,
+            "code": "too_many_connections",
+        }
+    }
+).encode()
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY
+)
+_LATE = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+_FD_RESERVE = 64
+"""Open files kept for everything but client connections (nodes' polls, logs, the state file...)."""
+
+
+class _ClientFaults(logging.Filter):
+    """aiohttp's log of a client's malformed HTTP, turned into one debug line.
+
+    aiohttp logs bad framing, or a broken chunked or gzip body, as an error with a traceback, once per
+    request: a hostile client could fill the log. It is the client's fault, and the client got its 400.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, RequestPayloadError) or (isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500):
+            log.debug("gateway: refused a malformed request: %s", str(exc).replace("\n", " ")[:200])
+            return False
+        return True
+
+
+_CLIENT_FAULTS = _ClientFaults()
+
+
+class _Limits:
+    """The connection accounting of one gateway (shared by its listening sockets)."""
+
+    def __init__(self, max_connections: int, header_timeout_s: float) -> None:
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self.open = 0
+        self.refused = 0
+        """Connections refused in the current episode of being full (0 when not full)."""
+
+    def admit(self) -> bool:
+        """Count one more connection, or refuse it (logging once when an episode of refusals starts)."""
+        if self.open < self.max_connections:
+            self.open += 1
+            return True
+        if self.refused == 0:
+            log.warning(
+                "gateway: %d client connections open (gateway.max_connections): refusing new ones with 503",
+                self.open,
+            )
+        self.refused += 1
+        return False
+
+    def release(self) -> None:
+        self.open -= 1
+        if self.refused and self.open < self.max_connections * 0.9:
+            log.info("gateway: accepting connections again (%d refused while full)", self.refused)
+            self.refused = 0
+
+
+class _Guard(asyncio.Protocol):
+    """One client connection, in front of aiohttp's protocol: admission and the first head's deadline.
+
+    The head's end is found by looking for an empty line (LF LF, or LF CR LF, with two bytes
+    carried between reads) in the first request only; later requests on a kept-alive connection are
+    bounded by aiohttp's keep-alive timer, which closes a connection still waiting for a complete request.
+    """
+
+    __slots__ = ("_carry", "_factory", "_inner", "_limits", "_timer", "_transport")
+
+    def __init__(self, factory: web.Server, limits: _Limits) -> None:
+        self._factory = factory
+        self._limits = limits
+        self._inner: asyncio.Protocol | None = None
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._carry = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        if not self._limits.admit():
+            transport.write(_BUSY)
+            transport.close()
+            return
+        self._transport = transport
+        self._timer = asyncio.get_running_loop().call_later(self._limits.header_timeout_s, self._head_late)
+        self._inner = self._factory()
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is None:
+            return
+        if self._timer is not None:
+            seen = self._carry + data
+            if b"\n\n" in seen or b"\n\r\n" in seen:
+                self._timer.cancel()
+                self._timer = None
+                self._carry = b""
+            else:
+                self._carry = seen[-2:]
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None if self._inner is None else self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._inner is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._limits.release()
+        inner, self._inner = self._inner, None
+        inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    def _head_late(self) -> None:
+        self._timer = None
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            log.debug("gateway: closed a connection that sent no complete request head within the limit")
+            transport.write(_LATE)
+            transport.close()
+
+
+class _GuardedSite(web.BaseSite):
+    """A TCP listening socket whose connections go through :class:`_Guard`."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, limits: _Limits) -> None:
+        super().__init__(runner)
+        self._host = host
+        self._port = port
+        self._limits = limits
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            functools.partial(_Guard, server, self._limits),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=True,
+        )
+
+
+def _connection_limit(configured: int) -> int:
+    """``configured``, lowered to fit the open-file limit (raised to its hard ceiling first)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    fits = max(16, (soft - _FD_RESERVE) // 2)  # a proxied connection may hold one to a node too
+    if configured > fits:
+        log.warning(
+            "gateway.max_connections = %d lowered to %d: the open-file limit is %d (raise LimitNOFILE)",
+            configured,
+            fits,
+            soft,
+        )
+        return fits
+    return configured
 
 
 class Servers:
@@ -131,14 +350,29 @@ async def serve(engine: Engine) -> AsyncIterator[Servers]:
     settings = engine.settings.gateway
     servers = Servers()
     runners: list[web.AppRunner] = []
+    limits = _Limits(_connection_limit(settings.max_connections), settings.header_timeout_s)
+    logging.getLogger("aiohttp.server").addFilter(_CLIENT_FAULTS)  # a set: adding it twice is a no-op
+    log.info(
+        "gateway: at most %d client connections, request heads within %g s, idle keep-alive %g s",
+        limits.max_connections,
+        settings.header_timeout_s,
+        settings.keepalive_timeout_s,
+    )
     try:
+        # handler_cancellation: a client that hangs up cancels its handler, which releases its lease and
+        # drops the node's connection at once (without it, a non-streaming request waiting for a node
+        # would hold both until first_byte_timeout_s). Admin commands shield themselves from it.
         runner = web.AppRunner(
-            create_app(engine), access_log=None, handle_signals=False, shutdown_timeout=settings.drain_s
+            create_app(engine),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=settings.drain_s,
+            handler_cancellation=True,
         )
         await runner.setup()
         runners.append(runner)
         host, port = parse_listen(settings.listen)
-        await _start_site(web.TCPSite(runner, host, port, reuse_address=True), "gateway.listen", settings.listen)
+        await _start_site(_GuardedSite(runner, host, port, limits), "gateway.listen", settings.listen)
         servers.api = _bound(runner, host)
         if settings.metrics_listen:
             mrunner = web.AppRunner(
@@ -148,9 +382,7 @@ async def serve(engine: Engine) -> AsyncIterator[Servers]:
             runners.append(mrunner)
             mhost, mport = parse_listen(settings.metrics_listen)
             await _start_site(
-                web.TCPSite(mrunner, mhost, mport, reuse_address=True),
-                "gateway.metrics_listen",
-                settings.metrics_listen,
+                _GuardedSite(mrunner, mhost, mport, limits), "gateway.metrics_listen", settings.metrics_listen
             )
             servers.metrics = _bound(mrunner, mhost)
         engine.gateway = f"{servers.api[0]}:{servers.api[1]}"
@@ -162,7 +394,7 @@ async def serve(engine: Engine) -> AsyncIterator[Servers]:
             await runner.cleanup()
 
 
-async def _start_site(site: web.TCPSite, key: str, address: str) -> None:
+async def _start_site(site: web.BaseSite, key: str, address: str) -> None:
     try:
         await site.start()
     except OSError as exc:

@@ -6,37 +6,52 @@ so a rule (say, the 413 for large bodies) is written once and holds for OpenAI a
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from cortex.engine.lifecycle import Lease
 from cortex.engine.state import NodeStatus
 from cortex.errors import BadRequest, CortexError, NoNodeAvailable, PayloadTooLarge, Unauthorized, UnknownModel
-from cortex.proxy.forward import Call
+from cortex.proxy.forward import Call, clean_request_id
 
 if TYPE_CHECKING:
     from cortex.engine.engine import Engine
 
 __all__ = [
     "SSE_HEADERS",
+    "BodyTimeout",
     "ClientGone",
     "WaitFailed",
     "acquire_streaming",
     "check_api_key",
     "cortex_headers",
     "counted",
+    "header_safe",
+    "read_capped",
     "read_json",
     "resolve_model",
+    "shorten",
 ]
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 LOAD_NOTICE_S = 5.0
 """A waiting stream hears from cortex at least this often while its model loads."""
+
+
+class BodyTimeout(CortexError):
+    """The client stopped sending its request body for ``gateway.header_timeout_s``."""
+
+    status = 408
+    kind = "invalid_request_error"
 
 
 def presented_key(request: web.Request) -> str | None:
@@ -47,6 +62,16 @@ def presented_key(request: web.Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
+def secret_bytes(text: str) -> bytes:
+    """A header value as the bytes that came on the wire, for a constant-time compare.
+
+    aiohttp decodes header bytes as UTF-8 with ``surrogateescape``; a plain ``encode()`` of a value with
+    a byte that is not UTF-8 raises (a 500 and a traceback). Encoding back the same way cannot fail, and a
+    key with such bytes simply does not match.
+    """
+    return text.encode("utf-8", "surrogateescape")
+
+
 def check_api_key(request: web.Request, keys: list[bytes]) -> None:
     """Raise :class:`Unauthorized` unless the request carries one of ``keys`` (no keys = open)."""
     if not keys:
@@ -54,7 +79,7 @@ def check_api_key(request: web.Request, keys: list[bytes]) -> None:
     key = presented_key(request)
     if not key:
         raise Unauthorized("missing API key: send `Authorization: Bearer KEY` or `x-api-key: KEY`")
-    given = key.encode()
+    given = secret_bytes(key)
     ok = False
     for expected in keys:
         ok |= hmac.compare_digest(given, expected)
@@ -62,17 +87,50 @@ def check_api_key(request: web.Request, keys: list[bytes]) -> None:
         raise Unauthorized("invalid API key")
 
 
-async def read_json(request: web.Request, max_body_mb: float) -> tuple[bytes, dict[str, Any]]:
+async def read_capped(request: web.Request, limit: int, idle_s: float, what: str) -> bytes:
+    """The request body, at most ``limit`` bytes, with no silence longer than ``idle_s`` while it comes.
+
+    An announced ``Content-Length`` over the limit is refused before a byte is read. One timeout for the
+    whole read, pushed back as each piece arrives (not one per piece), bounds a client that trickles.
+
+    Raises:
+        PayloadTooLarge: over ``limit`` (``what`` names the limit in the message).
+        BodyTimeout: the client went silent for ``idle_s``.
+        BadRequest: the body could not be read (a broken chunked encoding, a bad compression).
+    """
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"request body is larger than {what}")
+    content = request.content
+    parts: list[bytes] = []
+    size = 0
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(idle_s) as deadline:
+            while data := await content.readany():
+                size += len(data)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body is larger than {what}")
+                parts.append(data)
+                deadline.reschedule(loop.time() + idle_s)
+    except TimeoutError:
+        raise BodyTimeout(f"the request body stalled: nothing arrived for {idle_s:g} s") from None
+    except web.HTTPException as exc:  # aiohttp's own rejection of the payload
+        raise BadRequest(f"the request body could not be read: {exc.reason}") from None
+    except (RequestPayloadError, aiohttp.ClientPayloadError, HttpProcessingError) as exc:
+        raise BadRequest(f"the request body could not be read: {exc}") from None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def read_json(request: web.Request, max_body_mb: float, idle_s: float = 10.0) -> tuple[bytes, dict[str, Any]]:
     """The raw body and its JSON object.
 
     Raises:
         PayloadTooLarge: over ``max_body_mb``.
+        BodyTimeout: the client went silent for ``idle_s`` while sending it.
         BadRequest: not JSON, or not a JSON object.
     """
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"request body is larger than the {max_body_mb:g} MB limit") from None
+    raw = await read_capped(request, int(max_body_mb * 1024 * 1024), idle_s, f"the {max_body_mb:g} MB limit")
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -106,7 +164,7 @@ def resolve_model(engine: Engine, data: dict[str, Any]) -> tuple[str, str]:
         raise down
     if model is None:
         served = ", ".join(engine.served_models()) or "none"
-        raise UnknownModel(f"model {name!r} is not served by this gateway; available models: {served}")
+        raise UnknownModel(f"model {shorten(name)!r} is not served by this gateway; available models: {served}")
     return name, model
 
 
@@ -138,17 +196,36 @@ def unreachable(engine: Engine, name: str, model: str | None) -> NoNodeAvailable
         return None
     named = [n for n in down if n.name in pinned_on] or down
     where = ", ".join(f"{n.name} ({n.status.value})" for n in named)  # never its endpoint or error: clients see this
-    return NoNodeAvailable(f"model {name!r} cannot be served now: no node that serves it is up; {where}")
+    return NoNodeAvailable(f"model {shorten(name)!r} cannot be served now: no node that serves it is up; {where}")
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters for an error message (a 100 kB model name is not echoed back)."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def header_safe(value: str) -> str:
+    """``value`` when it can go in a response header as is, else with every unsafe character escaped.
+
+    Model ids come from the nodes: one with a line break or a non-ASCII character would make aiohttp
+    refuse the whole response (a 500). Two C-speed checks for the usual case.
+    """
+    if value.isascii() and value.isprintable():
+        return value
+    return "".join(c if " " <= c <= "~" else f"%{ord(c):02X}" if ord(c) < 256 else f"%u{ord(c):04X}" for c in value)
 
 
 def cortex_headers(call: Call, upstream_request_id: str | None = None) -> dict[str, str]:
-    """The response headers that tell the client where its request went."""
+    """The response headers that tell the client where its request went.
+
+    The node's ``x-request-id`` is passed back only when it is a usable id (:func:`clean_request_id` rules).
+    """
     headers = {
         "x-cortex-node": call.node,
-        "x-cortex-model": call.model,
+        "x-cortex-model": header_safe(call.model),
         "x-cortex-queue-ms": str(int(call.queue_s * 1000)),
     }
-    if upstream_request_id:
+    if upstream_request_id and clean_request_id(upstream_request_id) == upstream_request_id:
         headers["x-request-id"] = upstream_request_id
     return headers
 
@@ -184,12 +261,14 @@ async def acquire_streaming(
         now = time.monotonic()
         if waited < 1.0 or (response is not None and now - last_notice < LOAD_NOTICE_S - 1.5):
             return
-        if response is None:
-            response = web.StreamResponse(status=200, headers=SSE_HEADERS)
-            response.headers["x-cortex-model"] = call.model
-            await response.prepare(request)
         loading = engine.fleet.loading.get(call.model)
         where = loading[0] if loading else ""  # "": nothing loads it; it waits for a node (drained, restarting)
+        if response is None:
+            response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+            response.headers["x-cortex-model"] = header_safe(call.model)
+            if loading:  # the headers leave before the load ends: name the node it is loading on
+                response.headers["x-cortex-node"] = header_safe(loading[0])
+            await response.prepare(request)
         try:
             await response.write(notice(call.model, where, waited))
         except ConnectionResetError:
@@ -197,11 +276,19 @@ async def acquire_streaming(
         last_notice = now
 
     try:
-        return await engine.acquire(call.model, on_wait=keep_alive), response
+        lease = await engine.acquire(call.model, on_wait=keep_alive)
     except CortexError as exc:
         if response is not None:
             raise WaitFailed(exc, response) from None
         raise
+    if response is not None and response.headers.get("x-cortex-node") != lease.node.name:
+        # it landed elsewhere than the headers said (or they could not say): tell the client in a comment
+        try:
+            await response.write(b": x-cortex-node: " + header_safe(lease.node.name).encode() + b"\n\n")
+        except ConnectionResetError:
+            lease.release()
+            raise ClientGone(response) from None
+    return lease, response
 
 
 async def counted(engine: Engine, call: Call, handling: Coroutine[Any, Any, web.StreamResponse]) -> web.StreamResponse:
@@ -215,6 +302,9 @@ async def counted(engine: Engine, call: Call, handling: Coroutine[Any, Any, web.
         # The client hung up while cortex was answering; aiohttp drops this response quietly.
         call.status = 499
         return web.Response(status=499)
+    except asyncio.CancelledError:
+        call.status = 499  # the client hung up and aiohttp cancelled the handler (handler_cancellation)
+        raise
     finally:
         engine.record_soon(call.outcome())
 

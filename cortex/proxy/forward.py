@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,26 @@ from cortex.proxy.errors import NodeErrorInfo, read_node_error
 if TYPE_CHECKING:
     from cortex.engine.engine import Engine
 
-__all__ = ["Call", "IdleWatch", "NodeReplyError", "UsageTail", "read_body", "send", "upstream_headers"]
+__all__ = [
+    "ERROR_BODY_MAX",
+    "ERROR_BODY_S",
+    "Call",
+    "IdleWatch",
+    "NodeReplyError",
+    "UsageTail",
+    "clean_request_id",
+    "read_body",
+    "read_error_body",
+    "send",
+    "upstream_headers",
+]
+
+ERROR_BODY_MAX = 64 * 1024
+"""Bytes of a node's error answer read at most (the message clients see is cut to fit)."""
+ERROR_BODY_S = 10.0
+"""Seconds a node's error answer may take to arrive in full (``stream_idle_timeout_s`` when shorter)."""
+REQUEST_ID_MAX = 128
+"""Longest client ``x-request-id`` passed on; a longer or non-printable one is replaced."""
 
 
 class NodeReplyError(Exception):
@@ -74,17 +94,58 @@ class Call:
         )
 
 
+def clean_request_id(value: str | None) -> str:
+    """``value`` when it is a usable request id (printable ASCII, at most :data:`REQUEST_ID_MAX` long).
+
+    Otherwise a fresh id in mistral.rs's own shape (``req_<32 hex>``): for a missing one, and for an
+    unusable one (``€``, a raw byte, a control character, 10 kB), which is replaced rather than refused
+    since the id is for tracing and a client should not fail over it.
+    """
+    if value and len(value) <= REQUEST_ID_MAX and value.isascii() and value.isprintable():
+        return value
+    return "req_" + uuid.uuid4().hex
+
+
 def upstream_headers(request_id: str | None) -> dict[str, str]:
     """The only headers a node receives.
 
     ``Accept-Encoding: identity`` replaces aiohttp's default ``gzip, deflate``: the session does not
     decompress (bytes pass through untouched) and the node's ``Content-Encoding`` is not passed on, so a
-    compressed answer would reach the client as unreadable bytes.
+    compressed answer would reach the client as unreadable bytes. Every request carries an ``x-request-id``
+    (the client's, through :func:`clean_request_id`, or a fresh one): mistral.rs echoes it, and the pool
+    refuses an answer that carries another request's id (a node out of step).
     """
-    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-    if request_id:
-        headers["x-request-id"] = request_id
-    return headers
+    return {
+        "Content-Type": "application/json",
+        "Accept-Encoding": "identity",
+        "x-request-id": clean_request_id(request_id),
+    }
+
+
+async def read_error_body(resp: UpstreamResponse, within_s: float) -> bytes:
+    """Up to :data:`ERROR_BODY_MAX` bytes of a node's error answer, read within ``within_s``; never raises.
+
+    A node that fails is not trusted to fail well: its error body may be endless, cut short or sent a byte
+    a second. What arrived in time is the message; the connection is dropped unless the answer was read
+    to its end (then it is already back in the pool).
+    """
+    parts: list[bytes] = []
+    size = 0
+    timer = asyncio.get_running_loop().call_later(within_s, resp.close)
+    try:
+        while size < ERROR_BODY_MAX:
+            data = await resp.readany()
+            if not data:
+                break
+            parts.append(data)
+            size += len(data)
+    except aiohttp.ClientError:
+        pass  # cut short, or closed by the timer: keep what came
+    finally:
+        timer.cancel()
+        resp.close()
+    data = b"".join(parts)
+    return data[:ERROR_BODY_MAX] if size > ERROR_BODY_MAX else data
 
 
 async def send(
@@ -102,61 +163,72 @@ async def send(
     """
     if lease is None:
         lease = await engine.acquire(call.model)
-    call.queue_s = lease.queue_s
-    upstream = engine.upstream
-    timeout_s = engine.settings.gateway.first_byte_timeout_s
-    tried: list[str] = []
-    while True:
-        node = lease.node
-        call.node = node.name
-        t0 = time.monotonic()
-        failure: str
-        try:
-            resp = await upstream.post(node.client.endpoint, path, body, headers, timeout_s=timeout_s)
-        except TimeoutError:
-            failure = f"no first byte from {node.name} within {timeout_s:g} s"
-            info: NodeErrorInfo | None = None
-        except aiohttp.ClientError as exc:
-            failure = f"{node.name} unreachable: {exc or type(exc).__name__}"
-            info = None
-        except asyncio.CancelledError:
-            lease.release()  # the client went away while the node was thinking
-            raise
-        else:
-            call.upstream_s += time.monotonic() - t0
-            if resp.status < 400:
-                return lease, resp
-            data = await resp.read()
-            resp.release()
-            info = read_node_error(resp.status, data)
-            request_id = resp.headers.get("x-request-id")
-            if info.status < 500:
-                lease.release()
-                raise NodeReplyError(info, node.name, request_id)
-            failure = info.message
-        call.upstream_s += time.monotonic() - t0 if info is None else 0.0
-        lease.release(failed=failure)
-        tried.append(node.name)
-        other = engine.lifecycle.route(call.model, tuple(tried))
-        if other is None:
-            if info is not None:
-                raise NodeReplyError(info, node.name, request_id)
-            raise UpstreamError(failure)
-        lease = Lease(engine.fleet, other, call.model, lease.queue_s)
+    # From here to the return, this function owns the lease: whatever is raised (a node's error, a
+    # cancelled client, a bug), the claim ends here, so in-flight counts cannot leak.
+    try:
+        call.queue_s = lease.queue_s
+        upstream = engine.upstream
+        timeout_s = engine.settings.gateway.first_byte_timeout_s
+        error_s = min(ERROR_BODY_S, engine.settings.gateway.stream_idle_timeout_s)
+        tried: list[str] = []
+        while True:
+            node = lease.node
+            call.node = node.name
+            t0 = time.monotonic()
+            failure: str
+            try:
+                resp = await upstream.post(node.client.endpoint, path, body, headers, timeout_s=timeout_s)
+            except TimeoutError:
+                failure = f"no first byte from {node.name} within {timeout_s:g} s"
+                info: NodeErrorInfo | None = None
+            except aiohttp.ClientError as exc:
+                failure = f"{node.name} unreachable: {exc or type(exc).__name__}"
+                info = None
+            else:
+                call.upstream_s += time.monotonic() - t0
+                if resp.status < 400:
+                    return lease, resp
+                data = await read_error_body(resp, error_s)
+                info = read_node_error(resp.status, data)
+                request_id = resp.headers.get("x-request-id")
+                if info.status < 500:
+                    lease.release()
+                    raise NodeReplyError(info, node.name, request_id)
+                failure = info.message
+            call.upstream_s += time.monotonic() - t0 if info is None else 0.0
+            lease.release(failed=failure)
+            tried.append(node.name)
+            other = engine.lifecycle.route(call.model, tuple(tried))
+            if other is None:
+                if info is not None:
+                    raise NodeReplyError(info, node.name, request_id)
+                raise UpstreamError(failure)
+            lease = Lease(engine.fleet, other, call.model, lease.queue_s)
+    except BaseException:
+        lease.release()  # idempotent: a no-op when a branch above already released it
+        raise
 
 
 async def read_body(engine: Engine, call: Call, lease: Lease, resp: UpstreamResponse) -> bytes:
     """Read a whole (non-streaming) answer; the response and the lease are released either way.
 
     Raises:
-        UpstreamError: the node went silent for ``stream_idle_timeout_s`` or broke the connection.
+        UpstreamError: the node went silent for ``stream_idle_timeout_s``, broke the connection, sent more
+            than ``max_response_mb``, or closed a read-to-close answer before its JSON was complete.
     """
-    idle = engine.settings.gateway.stream_idle_timeout_s
+    settings = engine.settings.gateway
+    idle = settings.stream_idle_timeout_s
     watch = IdleWatch(idle, resp.close)
     failed: str | None = None
     t0 = time.monotonic()
     try:
-        return await resp.read()
+        data = await resp.read(int(settings.max_response_mb * 1024 * 1024))
+        if resp.until_close and not _is_json(data):
+            # No length, no chunks: the end of the connection ended the body, and a node dying mid-answer
+            # looks just the same. Incomplete JSON is that case, not an answer.
+            failed = f"{call.node} closed the connection before its answer was complete"
+            raise UpstreamError(failed)
+        return data
     except aiohttp.ClientError as exc:
         failed = (
             f"{call.node} sent nothing for {idle:g} s"
@@ -169,6 +241,14 @@ async def read_body(engine: Engine, call: Call, lease: Lease, resp: UpstreamResp
         call.upstream_s += time.monotonic() - t0
         resp.release()
         lease.release(failed=failed)
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 class IdleWatch:

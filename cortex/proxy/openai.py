@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from cortex.engine.upstream import UpstreamResponse
-from cortex.errors import BadRequest, CortexError
+from cortex.errors import BadRequest, CortexError, UpstreamError
 from cortex.proxy.common import (
     SSE_HEADERS,
     ClientGone,
@@ -158,7 +158,8 @@ async def handle_openai(request: web.Request, engine: Engine, path: str, keys: l
 async def _openai(request: web.Request, engine: Engine, call: Call, path: str, keys: list[bytes]) -> web.StreamResponse:
     try:
         check_api_key(request, keys)
-        raw, data = await read_json(request, engine.settings.gateway.max_body_mb)
+        gateway = engine.settings.gateway
+        raw, data = await read_json(request, gateway.max_body_mb, gateway.header_timeout_s)
         validate_openai(path, data)
         name, call.model = resolve_model(engine, data)
         facts = engine.settings.model_facts(call.model)
@@ -176,19 +177,27 @@ async def _openai(request: web.Request, engine: Engine, call: Call, path: str, k
         call.status = exc.info.status
         headers = cortex_headers(call, exc.request_id)
         return openai_error(exc.info.status, exc.info.message, exc.info.kind, headers=headers)
+    except (ClientGone, ConnectionResetError):
+        raise  # the client is gone: counted() records it, there is no one to answer
+    except Exception:
+        # A bug, not the client's fault: the lease was released by its owner (send, read_body, _pipe);
+        # the client still gets an answer in its dialect, and the traceback goes to the log once.
+        log.exception("internal error serving %s %s", request.method, request.path)
+        call.status = 500
+        return openai_error(500, "internal error in cortex (see the gateway's log)", "server_error")
 
 
 async def _unary(engine: Engine, call: Call, path: str, raw: bytes, headers: dict[str, str]) -> web.Response:
     lease, resp = await send(engine, call, path, raw, headers)
     body = await read_body(engine, call, lease, resp)
     call.first_byte = time.monotonic()
-    call.status = resp.status
     try:
         parsed = orjson.loads(body)
-        usage = parsed.get("usage") if isinstance(parsed, dict) else None
-        call.usage = usage if isinstance(usage, dict) else None
     except orjson.JSONDecodeError:
-        pass
+        raise UpstreamError(f"{call.node} answered something that is not JSON") from None
+    call.status = resp.status
+    usage = parsed.get("usage") if isinstance(parsed, dict) else None
+    call.usage = usage if isinstance(usage, dict) else None
     return web.Response(
         status=resp.status,
         body=body,
@@ -245,18 +254,24 @@ async def _pipe(
     response: web.StreamResponse | None,
     include_usage: bool,
 ) -> web.StreamResponse:
-    """Forward the node's stream chunk by chunk; find the usage in the tail at the end."""
-    if response is None:
-        response = web.StreamResponse(status=resp.status, headers=SSE_HEADERS)
-        response.headers.update(cortex_headers(call, resp.headers.get("x-request-id")))
-        await response.prepare(request)
-    call.status = resp.status
+    """Forward the node's stream chunk by chunk; find the usage in the tail at the end.
+
+    Owns ``lease`` and ``resp`` from its first line: both are released whatever happens, the opening of
+    the client's stream included (a client gone by then is a reset there).
+    """
     tail = UsageTail()
     idle = engine.settings.gateway.stream_idle_timeout_s
     content = resp.content
     failed: str | None = None
     watch = IdleWatch(idle, resp.close)
+    opened = response is not None
+    if response is None:
+        response = web.StreamResponse(status=resp.status, headers=SSE_HEADERS)
+        response.headers.update(cortex_headers(call, resp.headers.get("x-request-id")))
     try:
+        if not opened:
+            await response.prepare(request)
+        call.status = resp.status
         while True:
             t0 = time.monotonic()
             try:

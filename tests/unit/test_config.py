@@ -58,7 +58,7 @@ def test_empty_file_gives_the_documented_defaults(tmp_path: Path) -> None:
         300,
         300,
     )
-    assert (s.gateway.max_queue, s.gateway.max_body_mb, s.gateway.drain_s) == (1024, 50, 30)
+    assert (s.gateway.max_queue, s.gateway.max_body_mb, s.gateway.drain_s) == (1024, 32, 30)
     assert s.eviction.strategy == "lru"
     assert (s.eviction.idle_ttl_s, s.eviction.headroom_mb, s.eviction.min_resident_s) == (0, 512, 30)
     assert s.eviction.defrag_after_cycles == 50

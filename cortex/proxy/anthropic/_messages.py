@@ -8,6 +8,9 @@ one, text-only tool messages, and (for strict chat templates) strictly alternati
 converter walks the messages once, keeping just enough state (the calls of the assistant turn
 still waiting for results) to reorder results, repair missing or orphan ones and merge
 neighbours as it goes. Output dicts reference the input's strings; nothing is deep-copied.
+
+Merged neighbours keep their pieces in lists and are joined once, at the end: joining at every merge
+made a run of N consecutive user turns (orphan tool results, say) cost N² (10 s for a 30 MB body).
 """
 
 from __future__ import annotations
@@ -137,10 +140,45 @@ def _user_content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
     return parts
 
 
-def _as_parts(content: Any) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    return list(content)
+class _UserTurn:
+    """The content of one user message while neighbours merge into it; :meth:`content` at the end.
+
+    While every part is text, the texts are kept (joined once, at the end); the first other part turns
+    them into one text part followed by the parts, which is what joining at every merge produced.
+    """
+
+    __slots__ = ("parts", "texts")
+
+    def __init__(self, parts: list[dict[str, Any]]) -> None:
+        self.texts: list[str] | None = None
+        self.parts: list[dict[str, Any]] = []
+        if all(p["type"] == "text" for p in parts):
+            self.texts = [p["text"] for p in parts]
+        else:
+            self.parts = list(parts)
+
+    def merge(self, parts: list[dict[str, Any]]) -> None:
+        if self.texts is None:
+            self.parts.extend(parts)
+        elif all(p["type"] == "text" for p in parts):
+            self.texts.extend(p["text"] for p in parts)
+        else:
+            self.parts = [{"type": "text", "text": "\n".join(self.texts)}] if self.texts else []
+            self.parts.extend(parts)
+            self.texts = None
+
+    def content(self) -> str | list[dict[str, Any]]:
+        return "\n".join(self.texts) if self.texts is not None else self.parts
+
+
+class _AssistantTurn:
+    """The texts and reasoning of one assistant message while neighbours merge into it."""
+
+    __slots__ = ("reasoning", "texts")
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.reasoning: list[str] = []
 
 
 class MessageConverter:
@@ -154,6 +192,10 @@ class MessageConverter:
         self.out: list[dict[str, Any]] = []
         self.warnings: list[str] = []
         self._open_calls: list[str] = []
+        self._users: list[tuple[dict[str, Any], _UserTurn]] = []
+        self._assistants: list[tuple[dict[str, Any], _AssistantTurn]] = []
+        self._last_turn: _UserTurn | _AssistantTurn | None = None
+        """The turn of ``out[-1]`` when that is a user or assistant message (merges go there)."""
 
     def convert(self, messages: list[Any], *, drop_billing_header: bool) -> None:
         """Convert ``messages`` into :attr:`out`, collecting hoisted system text in :attr:`system`."""
@@ -172,11 +214,25 @@ class MessageConverter:
             else:
                 raise bad_request(f"messages.{i}.role: Input should be 'user' or 'assistant'")
         self._close_calls()
+        self._finish()
+
+    def _finish(self) -> None:
+        """Join what merged into each message, once."""
+        for msg, user in self._users:
+            msg["content"] = user.content()
+        for msg, turn in self._assistants:
+            msg["content"] = "\n".join(turn.texts) if turn.texts else (None if msg.get("tool_calls") else "")
+            if turn.reasoning and self.reasoning_history:
+                msg["reasoning_content"] = "\n".join(turn.reasoning)
+        self._users = []
+        self._assistants = []
+        self._last_turn = None
 
     def _close_calls(self) -> None:
         """Give every call still waiting a synthetic result, so each call has its tool message."""
         for call_id in self._open_calls:
             self.out.append({"role": "tool", "tool_call_id": call_id, "content": "(no result)"})
+            self._last_turn = None
         self._open_calls = []
 
     def _assistant(self, content: str | list[Any], where: str) -> None:
@@ -199,28 +255,22 @@ class MessageConverter:
                         reasoning.append(block["thinking"])
                 elif kind != "redacted_thinking":
                     self.warnings.append(f"{where}.content.{j}: dropped assistant block of type {kind!r}")
-        prev = self.out[-1] if self.out else None
-        if prev is not None and prev["role"] == "assistant":  # merge: strict templates need alternation
-            if texts:
-                prev["content"] = "\n".join([prev["content"], *texts]) if prev["content"] else "\n".join(texts)
+        turn = self._last_turn
+        if isinstance(turn, _AssistantTurn):  # merge: strict templates need alternation
+            prev = self.out[-1]
             if calls:
                 prev.setdefault("tool_calls", []).extend(calls)
-            if reasoning and self.reasoning_history:
-                earlier = [prev["reasoning_content"]] if prev.get("reasoning_content") else []
-                prev["reasoning_content"] = "\n".join([*earlier, *reasoning])
         else:
             self._close_calls()
-            msg: dict[str, Any] = {
-                "role": "assistant",
-                "content": "\n".join(texts) if texts else ("" if not calls else None),
-            }
+            msg: dict[str, Any] = {"role": "assistant", "content": None}
             if calls:
                 msg["tool_calls"] = calls
-            if reasoning and self.reasoning_history:
-                msg["reasoning_content"] = "\n".join(reasoning)
+            turn = _AssistantTurn()
+            self._assistants.append((msg, turn))
             self.out.append(msg)
-        if prev is not None and prev["role"] == "assistant" and prev["content"] == "" and prev.get("tool_calls"):
-            prev["content"] = None
+            self._last_turn = turn
+        turn.texts.extend(texts)
+        turn.reasoning.extend(reasoning)
         self._open_calls.extend(c["id"] for c in calls)
 
     def _tool_call(self, block: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -262,6 +312,7 @@ class MessageConverter:
         for call_id in calls:  # results in the order of the calls, not the order sent
             text = results.pop(call_id, "(no result)")
             self.out.append({"role": "tool", "tool_call_id": call_id, "content": text})
+            self._last_turn = None
         for call_id, text in results.items():
             orphans.append({"type": "text", "text": f"Tool result {call_id}: {text}"})
         self._append_user([*orphans, *result_parts, *parts], keep_empty=False)
@@ -294,11 +345,14 @@ class MessageConverter:
         results[call_id] = f"[tool error] {text}" if block.get("is_error") is True else text
 
     def _append_user(self, parts: list[dict[str, Any]], *, keep_empty: bool) -> None:
-        prev = self.out[-1] if self.out else None
-        if prev is not None and prev["role"] == "user":  # merge: strict templates need alternation
+        turn = self._last_turn
+        if isinstance(turn, _UserTurn):  # merge: strict templates need alternation
             if parts:
-                merged = [*_as_parts(prev["content"]), *parts]
-                prev["content"] = _user_content(merged)
+                turn.merge(parts)
             return
         if parts or keep_empty:
-            self.out.append({"role": "user", "content": _user_content(parts) if parts else ""})
+            msg: dict[str, Any] = {"role": "user", "content": ""}
+            turn = _UserTurn(parts)
+            self._users.append((msg, turn))
+            self.out.append(msg)
+            self._last_turn = turn

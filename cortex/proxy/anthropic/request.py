@@ -205,7 +205,8 @@ def to_openai(
         raise bad_request("messages: at least one message is required")
     if body.get("safeguards") is not None:
         raise bad_request("safeguards: this gateway does not support safeguards; retry without them")
-    stops = body.get("stop_sequences") or []
+    stops = body.get("stop_sequences")
+    stops = [] if stops is None else stops
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise bad_request("stop_sequences: Input should be an array of strings")
 
