@@ -15,6 +15,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from cortex.config import load_settings
 from cortex.engine.events import ConfigReloaded, Event
@@ -22,7 +23,7 @@ from cortex.engine.reload import Reloader, watch_file
 from cortex.sim import SimModel, SimNode
 from tests.conftest import Fleet, FleetFactory, NodeSpec
 
-MSG = [{"role": "user", "content": "hi"}]
+MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 def toml(nodes: list[tuple[str, str, list[str]]], extra: str = "", *, keys: list[str] | None = None) -> str:
@@ -76,7 +77,7 @@ class Stream:
             model=model,
             messages=MSG,
             max_tokens=self.max_tokens,
-            stream=True,  # type: ignore[arg-type]
+            stream=True,
         )
         text, finish, chunks = "", None, 0
         async for chunk in stream:
@@ -157,9 +158,9 @@ async def test_api_keys_change_live_and_the_running_stream_finishes(fleet: Fleet
     assert report["changes"] == ["gateway.api_keys"]  # named, never shown
     await stream.whole()  # authenticated when it began: it is not cut
     with pytest.raises(openai.AuthenticationError):
-        await open_client.chat.completions.create(model="m1", messages=MSG)  # type: ignore[arg-type]
+        await open_client.chat.completions.create(model="m1", messages=MSG)
     keyed = f.openai(api_key="k-one")
-    done = await keyed.chat.completions.create(model="m1", messages=MSG, max_tokens=2)  # type: ignore[arg-type]
+    done = await keyed.chat.completions.create(model="m1", messages=MSG, max_tokens=2)
     assert done.choices[0].message.content
     await f.wait_for(lambda: any(isinstance(e, ConfigReloaded) for e in seen), what="the reload event")
     [event] = [e for e in seen if isinstance(e, ConfigReloaded)]
@@ -201,7 +202,7 @@ async def test_a_bad_file_is_refused_whole_and_the_old_config_keeps_serving(
     assert f.engine.settings.eviction.strategy == "lru"
     assert f.engine.api_keys == []
     await stream.whole()
-    done = await client.chat.completions.create(model="m1", messages=MSG, max_tokens=2)  # type: ignore[arg-type]
+    done = await client.chat.completions.create(model="m1", messages=MSG, max_tokens=2)
     assert done.choices[0].message.content  # still no key needed: the old config serves
     await f.wait_for(lambda: any(isinstance(e, ConfigReloaded) for e in seen), what="the refusal event")
     assert [e.ok for e in seen if isinstance(e, ConfigReloaded)] == [False]
