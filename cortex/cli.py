@@ -235,7 +235,15 @@ def _serve(args: argparse.Namespace, settings: Settings, path: Path | None) -> i
         fmt=args.log_format, verbose=args.verbose, to_file=None if headless else state_dir() / "cortex.log"
     )
     try:
-        return asyncio.run(run(settings, headless=headless, read_only=args.read_only, demo=args.demo, config_path=path))
+        return asyncio.run(
+            run(
+                settings,
+                headless=headless,
+                read_only=args.read_only,
+                demo=args.demo,
+                config_path=path.resolve() if path else None,
+            )
+        )
     except KeyboardInterrupt:
         return 130
     except ListenError as exc:

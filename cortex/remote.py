@@ -22,6 +22,8 @@ import dataclasses
 import enum
 import json
 import logging
+import math
+import os
 import sys
 import time
 import types
@@ -140,7 +142,7 @@ class RemoteEngine:
             return ""
         if self._retry_at is None:
             return f"{self._problem}…"
-        wait = max(0, round(self._retry_at - time.monotonic()))
+        wait = max(0, math.ceil(self._retry_at - time.monotonic()))
         return f"reconnecting in {wait} s: {self._problem}"
 
     def clock(self) -> float:
@@ -246,7 +248,8 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "timed out"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect ({exc.os_error.strerror or exc.os_error})"
+        errno = exc.os_error.errno
+        return f"cannot connect: {os.strerror(errno).lower() if errno else exc.os_error}"
     return str(exc) or type(exc).__name__
 
 

@@ -139,7 +139,9 @@ async def run(
             notifier = SdNotify.from_env() if headless else SdNotify()
             if not demo:
                 engine.reloader = Reloader(
-                    engine, lambda: load_settings(config_path), source=str(config_path or "(environment only)")
+                    engine,
+                    lambda: load_settings(config_path),
+                    source=str(config_path or "(environment only)"),
                 )
             _announce(servers, settings, demo)
             tasks: list[asyncio.Task[Any]] = []

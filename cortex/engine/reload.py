@@ -38,7 +38,15 @@ __all__ = ["RESTART_KEYS", "ReloadReport", "Reloader", "watch_file"]
 
 log = logging.getLogger(__name__)
 
-RESTART_KEYS = ("gateway.listen", "gateway.metrics_listen", "gateway.max_body_mb", "gateway.drain_s")
+RESTART_KEYS = (
+    "gateway.listen",
+    "gateway.metrics_listen",
+    "gateway.max_body_mb",
+    "gateway.drain_s",
+    "gateway.max_connections",
+    "gateway.header_timeout_s",
+    "gateway.keepalive_timeout_s",
+)
 """Settings the servers read once, when they start: a change is reported, and applies at the next start."""
 RETIRE_CHECK_S = 0.05
 """How often a retiring node is checked for the last of its work."""
@@ -134,7 +142,7 @@ class Reloader:
         engine = self.engine
         old = engine.settings
         restart = [key for key in RESTART_KEYS if _get(old, key) != _get(new, key)]
-        keep = {key.split(".", 1)[1]: _get(old, key) for key in restart}
+        keep = {key.split(".", 1)[1]: _get(old, key) for key in restart}  # the running value stays in force
         if new.tui != old.tui:
             restart.append("tui")
         new = new.model_copy(update={"gateway": new.gateway.model_copy(update=keep), "tui": old.tui})
@@ -295,7 +303,7 @@ def _agent_token(engine: Engine, spec: NodeSettings) -> None:
 
 def _get(settings: Settings, key: str) -> object:
     section, field = key.split(".", 1)
-    return getattr(getattr(settings, section), field)
+    return getattr(getattr(settings, section), field, None)
 
 
 def _section_changes(name: str, old: BaseModel, new: BaseModel) -> list[str]:
