@@ -328,6 +328,11 @@ async def watch_file(path: Path, reloader: Reloader, *, every_s: float = 2.0) ->
 
     Polling the file's stat is enough at this rate and works on every filesystem, editors' rename-on-save
     included.
+
+    Args:
+        path: the config file.
+        reloader: what reloads it.
+        every_s: seconds between two looks at the file.
     """
 
     def stamp() -> tuple[int, int, int] | None:

@@ -201,7 +201,8 @@ class FleetTable(DataTable[ToneText]):
         if not self.columns:
             self._rows = list(rows)
             return
-        if self._grow(rows):
+        shown = dict(self._rows)
+        if self._grow([row for row in rows if shown.get(row[0]) != row[1]]):  # only new or changed rows
             selected = self.selected_key
             self._rows = list(rows)
             self._build(self._flex_width)  # the content outgrew the layout: lay the columns out again

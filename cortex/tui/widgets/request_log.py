@@ -65,7 +65,7 @@ class RequestLog(ScrollView, can_focus=False):
         if rows == self._rows:
             return
         self._rows = rows
-        if self._grow(rows):
+        if self._grow([row for row in rows if row[1] not in self._lines]):  # rows painted before were measured
             self._laid_out_for = -1  # the content outgrew the columns: lay them out again at the next line
         kept = {cells: line for _, cells in rows if (line := self._lines.get(cells)) is not None}
         self._lines = kept
