@@ -242,6 +242,7 @@ def _serve(args: argparse.Namespace, settings: Settings, path: Path | None) -> i
                 read_only=args.read_only,
                 demo=args.demo,
                 config_path=path.resolve() if path else None,
+                log_requests=headless and args.log_format == "json",
             )
         )
     except KeyboardInterrupt:

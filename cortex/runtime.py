@@ -3,8 +3,10 @@
 The engine and the servers start before Textual and stop after it, so quitting the console always drains
 the proxy (aiohttp's graceful shutdown lets live streams finish for ``gateway.drain_s``). Headless, the
 same stack waits for SIGTERM or SIGINT instead of the console, tells systemd where it stands
-(:mod:`cortex.sdnotify`) and logs one line per request. SIGHUP re-reads the config in both modes
-(:mod:`cortex.engine.reload`), and so does a change of the file when ``gateway.watch_config`` is on.
+(:mod:`cortex.sdnotify`) and, with JSON logs, logs one line per request (only then: a line per request is
+real CPU at thousands of requests a second, and the structured line is what journald users follow).
+SIGHUP re-reads the config in both modes (:mod:`cortex.engine.reload`), and so does a change of the file
+when ``gateway.watch_config`` is on.
 
 ``cortex attach`` runs the same console on :class:`~cortex.remote.RemoteEngine` instead: no engine, no
 servers, only the admin API of a gateway running elsewhere.
@@ -119,6 +121,7 @@ async def run(
     demo: bool = False,
     state_path: Path | None = None,
     config_path: Path | None = None,
+    log_requests: bool = False,
 ) -> int:
     """Run cortex until a signal (headless) or until the console quits. Returns the exit code.
 
@@ -130,6 +133,7 @@ async def run(
         state_path: the state file (else ``$XDG_STATE_HOME/cortex/state.json``).
         config_path: the file the settings came from; SIGHUP, ``cortex reload`` and
             ``gateway.watch_config`` read it again (None: the environment alone).
+        log_requests: log one line per finished request (``--log-format json`` headless: for journald).
     """
     from cortex.demo import DemoFleet
 
@@ -153,6 +157,7 @@ async def run(
                 start(DemoFleet.traffic(servers.url, engine))
             if headless:
                 start(notifier.watchdog())
+            if log_requests:
                 start(_log_requests(engine))
             if engine.reloader is not None and config_path is not None:
                 start(watch_file(config_path, engine.reloader))
