@@ -111,7 +111,7 @@ class GatewaySettings(_Section):
     a request body arrives; the connection is closed after it."""
     keepalive_timeout_s: float = Field(default=15.0, gt=0)
     """Seconds an idle client keep-alive connection stays open (a later request's head must arrive within it)."""
-    max_connections: int = Field(default=1000, gt=0)
+    max_connections: int = Field(default=2048, gt=0)
     """Client connections open at once; beyond it a new one gets 503 and is closed (kept below the process's
     open-file limit; the effective figure is logged at start)."""
     metrics_token: SecretStr = SecretStr("")
