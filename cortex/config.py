@@ -99,6 +99,9 @@ class GatewaySettings(_Section):
     """Seconds a stream may stay silent before cortex gives up on it."""
     queue_timeout_s: float = Field(default=300.0, gt=0)
     """Seconds a request may wait for its model to be placed and loaded."""
+    load_timeout_s: float = Field(default=900.0, gt=0)
+    """Seconds one model load may take on a node before cortex gives up on that node and tries the next one
+    that lists the model (a node marked down gives up its loads at once). Real loads take minutes."""
     max_queue: int = Field(default=1024, gt=0)
     """Requests that may wait per model; beyond it 503 (OpenAI) / 529 (Anthropic)."""
     max_body_mb: float = Field(default=32.0, gt=0)
@@ -141,8 +144,10 @@ class EvictionSettings(_Section):
     """Unload a model idle this long (0 = never); pinned models stay."""
     headroom_mb: int = Field(default=512, ge=0)
     """VRAM kept free on every node, in MiB."""
-    min_resident_s: float = Field(default=30.0, ge=0)
-    """A freshly loaded model is not evicted sooner (anti-thrash)."""
+    min_resident_s: float = Field(default=0.0, ge=0)
+    """A freshly loaded model is never evicted sooner than this (a floor you may set). Without it cortex
+    already protects a model loaded for waiting requests for twice its measured load time while it serves
+    them (its fairness quantum), and lets it go as soon as its requests stop."""
     defrag_after_cycles: int = Field(default=50, ge=0)
     """Restart a node's server after this many eviction cycles (0 = never)."""
 

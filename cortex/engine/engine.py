@@ -105,6 +105,7 @@ class Engine:
         self._lifecycle = Lifecycle(
             self.settings, fleet, self.metrics, self.bus, self.spawn, self._restart, upstream=self._upstream
         )
+        self._lifecycle.agent_alive = self._agent_alive
 
         for node in fleet.nodes.values():
             self.background(self._poll_loop(node))
@@ -183,8 +184,14 @@ class Engine:
         self.ready.set()
 
     async def poll_once(self, node: NodeRec) -> None:
-        """Poll one node now (health, models, system info) and apply what it says."""
+        """Poll one node now (health, models, system info) and apply what it says.
+
+        A node whose server start time (``created`` in its model list) changed restarted between two polls,
+        too fast to be seen down: it is treated as come back (its whole state applied, budget and pins
+        reconciled). Pins are checked on every poll.
+        """
         fleet = self.fleet
+        lifecycle = self.lifecycle
         try:
             await node.client.health()
             models, info = await asyncio.gather(node.client.models(), node.client.system_info())
@@ -192,10 +199,18 @@ class Engine:
             fleet.poll_failed(node, str(exc))
             return
         finally:
-            self.lifecycle.changed()
-        if fleet.poll_ok(node, models, info):
-            log.info("node %s is up (%d models listed)", node.name, len(models))
-            self.background(self.lifecycle.reconcile(node))
+            lifecycle.changed()
+        created = node.client.created
+        restarted = node.server_created is not None and created is not None and created != node.server_created
+        node.server_created = created
+        if restarted:
+            log.info("node %s restarted (its server start time changed)", node.name)
+        if fleet.poll_ok(node, models, info, fresh=restarted) or restarted:
+            if not restarted:
+                log.info("node %s is up (%d models listed)", node.name, len(models))
+            self.background(lifecycle.reconcile(node))
+        elif lifecycle.pins_missing(node):
+            self.background(lifecycle.reconcile(node, budget=False))
 
     def poll_node(self, node: NodeRec) -> None:
         """Poll a node that joined after the start (a config reload) until it leaves the fleet."""
@@ -224,6 +239,10 @@ class Engine:
     def _agents_changed(self) -> None:
         if self._fleet is not None:
             self._fleet.touch()
+
+    def _agent_alive(self, node: str) -> bool:
+        info = self.agents.info(node)
+        return info is not None and info.fresh
 
     async def _restart(self, node: str, timeout_s: float) -> RestartResult:
         outcome = await self.agents.restart(node, timeout_s)

@@ -75,6 +75,10 @@ class NodeRec:
         self.cycles = 0
         self.server_created: int | None = None
         """The ``created`` stamp of the node's model list: its server's start time. A new one is a restart."""
+        self.switched_at = 0.0
+        """Wall time the last load that evicted something began here (turns are spaced by a quantum)."""
+        self.switching: set[str] = set()
+        """Models being loaded here after evicting others (a switch of turns under contention)."""
         self.actions = 0
         """Loads and unloads cortex has started on this node (a load that saw this unchanged ran alone)."""
         self.load_floor: dict[str, int] = {}
@@ -423,9 +427,9 @@ class Fleet:
         node.last_poll = self.clock()
         if info is not None:
             node.sys_total_mb, node.sys_used_mb, node.version = info.total_mb, info.used_mb, info.version
-            for model_id in [m for m in node.load_floor if node.slots.get(m) is not None]:
-                slot = node.slots[model_id]
-                if slot.state is SlotState.LOADED and slot.state_since <= previous:
+            for model_id in list(node.load_floor):
+                done = node.slots.get(model_id)
+                if done is not None and done.state is SlotState.LOADED and done.state_since <= previous:
                     del node.load_floor[model_id]  # this poll began after the load ended: it shows the weights
         for model_id, status in models.items():
             slot = node.slots.get(model_id)

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 WARM_CONNECTIONS_MAX = 128
 """The most idle connections held open to a loading node for its waiting requests."""
 
+QUANTUM_LOADS = 1.8
+"""A model loaded for waiting requests is protected for this many of its own load times while it serves them."""
+
 OOM_RETRIES = 3
 """After an out-of-memory answer, evict the next victim and retry the load at most this many times per node."""
 
@@ -179,6 +182,8 @@ class Lifecycle:
         self.agent_alive: Callable[[str], bool] = lambda _node: restart is not None
         """Whether the node has an agent that can restart it now (the engine wires the agent hub in)."""
         self._reconciling: set[str] = set()
+        self.load_s: dict[str, float] = {}
+        """model → its measured load time in seconds (a moving average), which sizes its fairness quantum."""
         self._changed = asyncio.Event()
         self.defrag_task: asyncio.Task[Any] | None = None
         """The last automatic defrag (tests await it)."""
@@ -283,6 +288,7 @@ class Lifecycle:
         need = fleet.estimate(model)
         snap = fleet.snapshot()
         now = fleet.clock()
+        protected = self.protected(model)
         parts: list[str] = []
         for name in (n.name for n in fleet.listed(model)):
             node = snap.node(name)
@@ -303,6 +309,8 @@ class Lifecycle:
                     held.append(f"{s.model_id} queued")
                 elif s.loaded_at is not None and now - s.loaded_at < self.min_resident_s(s.model_id):
                     held.append(f"{s.model_id} loaded {now - s.loaded_at:.0f} s ago")
+                elif s.model_id in protected.get(name, ()):
+                    held.append(f"{s.model_id} serving its turn")
             loads = [s.model_id for s in node.slots if s.state is SlotState.LOADING]
             text = f"{name}: {max(0, node.vram_free_mb)} MiB free of {need or '?'} needed"
             if loads:
@@ -313,8 +321,52 @@ class Lifecycle:
         return "; ".join(parts) or "no node lists it"
 
     def min_resident_s(self, model: str) -> float:
-        """How long a freshly loaded model is protected from eviction."""
+        """How long a freshly loaded model is protected from eviction (the configured floor)."""
         return self.settings.eviction.min_resident_s
+
+    def quantum_s(self, model: str) -> float:
+        """The fairness quantum of loading ``model``: :data:`QUANTUM_LOADS` times its load time.
+
+        Its measured load time when cortex has loaded it before, else the mean of the fleet's; 0 before
+        cortex has timed any load (the first switch is not delayed on a guess).
+        """
+        load_s = self.load_s.get(model)
+        if load_s is None:
+            load_s = sum(self.load_s.values()) / len(self.load_s) if self.load_s else 0.0
+        return QUANTUM_LOADS * load_s
+
+    def protected(self, model: str) -> dict[str, set[str]]:
+        """Node → resident models that ``model`` may not evict now: the batching rule.
+
+        When demand exceeds VRAM, evicting whatever is idle this instant swaps models on nearly every
+        request: one load per request, and every request waits for one. Instead the models in use take
+        turns. On a node, a model in use (a request within the last quantum) is evicted only when its turn
+        is over: at most one such switch starts per quantum of the newcomer's load time (so loading stays a
+        bounded share of the node's time and each switch serves a batch: the requests that queued for the
+        newcomer meanwhile), and the switch takes the model in use that has been resident longest (turns go
+        round; evicting the least recently used would take the one whose next request comes soonest).
+        Models nobody uses are not protected by this rule beyond ``min_resident_s``.
+        """
+        quantum = self.quantum_s(model)
+        if quantum <= 0:
+            return {}
+        now = self.fleet.clock()
+        out: dict[str, set[str]] = {}
+        for node in self.fleet.nodes.values():
+            hot = [
+                (slot.loaded_at or slot.state_since, model_id)
+                for model_id, slot in node.slots.items()
+                if slot.state is SlotState.LOADED
+                and model_id != model
+                and (slot.in_flight or now - max(slot.last_used, slot.loaded_at or slot.state_since) <= quantum)
+            ]
+            if not hot:
+                continue
+            held = {model_id for _, model_id in hot}
+            if not node.switching and now - node.switched_at >= quantum:
+                held.discard(min(hot)[1])  # the longest resident's turn is over
+            out[node.name] = held
+        return out
 
     def changed(self) -> None:
         """Something that may unblock a placer happened (a request ended, a poll landed)."""
@@ -340,6 +392,7 @@ class Lifecycle:
             now=self.fleet.clock(),
             min_resident_s=self.settings.eviction.min_resident_s,
             queued=self.fleet.queued,
+            protected=self.protected(model),
             exclude=exclude,
             exact=self.fleet.footprint(model) is not None,
         )
@@ -429,6 +482,9 @@ class Lifecycle:
         self.bus.publish(ModelLoading(node.name, model))
         started = time.monotonic()
         error: str | None = None
+        if victims:
+            node.switching.add(model)
+            node.switched_at = fleet.clock()
         try:
             error = await self._make_room(node, model, victims, reason)
             retries = 0
@@ -450,6 +506,7 @@ class Lifecycle:
             raise
         finally:
             fleet.loading.pop(model, None)
+            node.switching.discard(model)
         seconds = time.monotonic() - started
         if error is None:
             self.metrics.load_done(model, node.name, "ok", seconds)
@@ -548,8 +605,13 @@ class Lifecycle:
         try:
             status = (await node.client.lifecycle("status", model)).status
             if status == "unloaded":
+                t0 = time.monotonic()
                 reply = await node.client.lifecycle("reload", model, timeout_s=self.settings.gateway.load_timeout_s)
                 status, detail = reply.status, reply.error
+                if status == "loaded":
+                    took = time.monotonic() - t0
+                    known = self.load_s.get(model)
+                    self.load_s[model] = took if known is None else 0.7 * known + 0.3 * took
             else:
                 detail = ""
             if status == "reloading":

@@ -60,6 +60,7 @@ def select_victims(
     now: float,
     min_resident_s: float,
     queued: Mapping[str, int],
+    protected: Collection[str] = (),
 ) -> tuple[ModelSlot, ...] | None:
     """The shortest prefix of the victim order that frees ``need_mb`` on ``node``.
 
@@ -75,7 +76,11 @@ def select_victims(
     free = node.vram_free_mb
     if free >= need_mb:
         return ()
-    candidates = [s for s in node.slots if evictable(s, now=now, min_resident_s=min_resident_s, queued=queued)]
+    candidates = [
+        s
+        for s in node.slots
+        if s.model_id not in protected and evictable(s, now=now, min_resident_s=min_resident_s, queued=queued)
+    ]
     chosen: list[ModelSlot] = []
     uncounted = False
     for slot in victim_order(candidates, strategy=strategy, priorities=priorities):
@@ -108,6 +113,7 @@ def place(
     queued: Mapping[str, int],
     exclude: Collection[str] = (),
     exact: bool = True,
+    protected: Mapping[str, Collection[str]] | None = None,
 ) -> Placement | None:
     """Choose the node for a model loaded nowhere.
 
@@ -118,12 +124,15 @@ def place(
 
     Args:
         model_id: the model to place.
-        need_mb: its footprint in MiB (0 when unknown: it is then placed where memory is free now).
+        need_mb: its footprint in MiB, or the best estimate of it (0 when nothing is known: it is then placed
+            where memory is free now, and an out-of-memory answer teaches a bound).
         nodes: the fleet, in config order.
         strategy: ``lru`` or ``priority``.
         priorities: model id → priority (missing = 0).
         now: wall-clock time, for ``min_resident_s``.
         min_resident_s: loaded models younger than this are not victims.
+        protected: node → models that may not be evicted from it now, whatever else the rules say (models
+            still serving the batch they were loaded for: the fairness quantum).
         queued: model id → requests waiting for it.
         exclude: nodes not to use (a load already failed there).
         exact: whether ``need_mb`` is the model's known footprint. A load whose size is only estimated runs
@@ -154,6 +163,7 @@ def place(
             now=now,
             min_resident_s=min_resident_s,
             queued=queued,
+            protected=protected.get(node.name, ()) if protected else (),
         )
         if victims is None:
             continue

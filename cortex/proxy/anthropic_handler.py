@@ -93,6 +93,8 @@ def _from_cortex(exc: CortexError) -> AnthropicError:
         return AnthropicError(400, "invalid_request_error", exc.message, should_retry=False)
     if exc.status == 408:  # the client's body stalled
         return AnthropicError(408, "invalid_request_error", exc.message, should_retry=False)
+    if exc.status == 503 and not exc.retryable:  # e.g. a model too large for every node: never overloaded
+        return AnthropicError(503, "api_error", exc.message, should_retry=False)
     if exc.status == 503:
         return AnthropicError(529, "overloaded_error", exc.message, should_retry=True, retry_after=retry)
     if exc.status == 504:

@@ -39,6 +39,8 @@ def openai_error_for(exc: CortexError, headers: dict[str, str] | None = None) ->
     extra = dict(headers or {})
     if exc.retry_after is not None:
         extra["Retry-After"] = str(int(exc.retry_after))
+    if not exc.retryable:
+        extra["x-should-retry"] = "false"
     code = {404: "model_not_found", 503: "unavailable", 502: "upstream_error"}.get(exc.status)
     param: str | None = getattr(exc, "param", None)  # BadRequest names the offending field
     if param is None and exc.status == 404:

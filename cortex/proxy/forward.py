@@ -25,6 +25,7 @@ from cortex.engine.metrics import RequestOutcome
 from cortex.engine.upstream import UpstreamResponse
 from cortex.errors import CortexError, UpstreamError
 from cortex.proxy.errors import NodeErrorInfo, read_node_error
+from cortex.proxy.faults import NODE_NOT_READY
 
 if TYPE_CHECKING:
     from cortex.engine.engine import Engine
@@ -171,6 +172,7 @@ async def send(
         timeout_s = engine.settings.gateway.first_byte_timeout_s
         error_s = min(ERROR_BODY_S, engine.settings.gateway.stream_idle_timeout_s)
         tried: list[str] = []
+        requeued = 0
         while True:
             node = lease.node
             call.node = node.name
@@ -194,6 +196,15 @@ async def send(
                 if info.status < 500:
                     lease.release()
                     raise NodeReplyError(info, node.name, request_id)
+                if requeued < 2 and NODE_NOT_READY.search(info.message):
+                    # The node lazily loads a model cortex believed loaded there (a restart it did not see): not
+                    # the node's failure and not the client's. Take the node's word and wait in the queue.
+                    requeued += 1
+                    lease.release()
+                    await engine.lifecycle.not_ready(node, call.model)
+                    lease = await engine.acquire(call.model)
+                    call.queue_s += lease.queue_s
+                    continue
                 failure = info.message
             call.upstream_s += time.monotonic() - t0 if info is None else 0.0
             lease.release(failed=failure)

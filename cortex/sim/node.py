@@ -105,7 +105,7 @@ class SimNode:
         self.awake.set()
         self.models = ModelTable.from_models(models)
         self.models.capacity_mb = self._weights_capacity
-        self.models.gate = self.awake.wait
+        self.models.gate = self._wait_awake
         self.script = Script()
         self.metrics = SimMetrics(lambda: float(self.running))
         self._configured_models = list(models)
@@ -200,6 +200,9 @@ class SimNode:
     def resume(self) -> None:
         """Undo :meth:`hang`: everything that waited carries on."""
         self.awake.set()
+
+    async def _wait_awake(self) -> None:
+        await self.awake.wait()
 
     def _weights_capacity(self) -> int | None:
         return self.vram_mb - self.base_vram_mb if self.enforce_vram else None

@@ -33,7 +33,9 @@ async def test_reload_that_does_not_fit_answers_oom_and_frees_its_allocation(
     assert body["status"] == "loaded"
 
 
-async def test_two_loads_that_fit_alone_overcommit_together(http: aiohttp.ClientSession, make_node: NodeFactory) -> None:
+async def test_two_loads_that_fit_alone_overcommit_together(
+    http: aiohttp.ClientSession, make_node: NodeFactory
+) -> None:
     node = await make_node(
         [SimModel("x", 5000, loaded=False), SimModel("y", 5000, loaded=False)],
         vram_mb=8000,
