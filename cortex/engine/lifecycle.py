@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +53,11 @@ OOM_RETRIES = 3
 """After an out-of-memory answer, evict the next victim and retry the load at most this many times per node."""
 
 _OOM_MARKERS = ("out of memory", "out_of_memory", "cuda_error_out_of_memory", "oom")
+
+
+def _now() -> float:
+    """The running loop's clock: real monotonic time in the gateway, virtual time under ``cortex replay``."""
+    return asyncio.get_running_loop().time()
 
 
 def is_oom(error: str) -> bool:
@@ -225,7 +229,7 @@ class Lifecycle:
             queue = self.queues[model] = _ModelQueue()
         if queue.waiters >= self.settings.gateway.max_queue:
             raise QueueFull(f"{queue.waiters} requests already wait for {model}; try again shortly")
-        started = time.monotonic()
+        started = _now()
         deadline = started + self.settings.gateway.queue_timeout_s
         queue.waiters += 1
         self.fleet.queued[model] = queue.waiters
@@ -234,12 +238,12 @@ class Lifecycle:
             while True:
                 node = self.route(model, exclude)
                 if node is not None:
-                    waited = time.monotonic() - started
+                    waited = _now() - started
                     self.metrics.queue_waited(model, waited)
                     return Lease(self.fleet, node, model, waited)
                 if queue.placer is None or queue.placer.done():
                     queue.placer = self.spawn(self._placer(model, queue))
-                remaining = deadline - time.monotonic()
+                remaining = deadline - _now()
                 if remaining <= 0:
                     why = self.explain(model)
                     log.warning(
@@ -253,7 +257,7 @@ class Lifecycle:
                     )
                 await queue.wait(min(remaining, 1.0))
                 if on_wait is not None and self.route(model, exclude) is None:
-                    await on_wait(time.monotonic() - started)
+                    await on_wait(_now() - started)
         finally:
             queue.waiters -= 1
             if queue.waiters:
@@ -480,7 +484,7 @@ class Lifecycle:
         fleet.loading[model] = (node.name, started_wall)
         fleet.begin_load(node, model, victims)
         self.bus.publish(ModelLoading(node.name, model))
-        started = time.monotonic()
+        started = _now()
         error: str | None = None
         if victims:
             node.switching.add(model)
@@ -507,7 +511,7 @@ class Lifecycle:
         finally:
             fleet.loading.pop(model, None)
             node.switching.discard(model)
-        seconds = time.monotonic() - started
+        seconds = _now() - started
         if error is None:
             self.metrics.load_done(model, node.name, "ok", seconds)
             self.bus.publish(ModelLoaded(node.name, model, round(seconds, 3)))
@@ -573,7 +577,7 @@ class Lifecycle:
     async def _reload_watched(self, node: NodeRec, model: str) -> str | None:
         """:meth:`_reload`, given up when the node goes down or the load outlives ``load_timeout_s``."""
         timeout_s = self.settings.gateway.load_timeout_s
-        deadline = time.monotonic() + timeout_s
+        deadline = _now() + timeout_s
         task = asyncio.ensure_future(self._reload(node, model))
         try:
             while True:
@@ -582,7 +586,7 @@ class Lifecycle:
                     return task.result()
                 if node.health is NodeStatus.DOWN:
                     return f"{node.name} went down during the load"
-                if time.monotonic() >= deadline:
+                if _now() >= deadline:
                     return f"the load did not finish within {timeout_s:g} s (gateway.load_timeout_s)"
         finally:
             if not task.done():
@@ -605,11 +609,11 @@ class Lifecycle:
         try:
             status = (await node.client.lifecycle("status", model)).status
             if status == "unloaded":
-                t0 = time.monotonic()
+                t0 = _now()
                 reply = await node.client.lifecycle("reload", model, timeout_s=self.settings.gateway.load_timeout_s)
                 status, detail = reply.status, reply.error
                 if status == "loaded":
-                    took = time.monotonic() - t0
+                    took = _now() - t0
                     known = self.load_s.get(model)
                     self.load_s[model] = took if known is None else 0.7 * known + 0.3 * took
             else:
@@ -648,9 +652,9 @@ class Lifecycle:
         return None
 
     async def _await_status(self, node: NodeRec, model: str) -> str:
-        deadline = time.monotonic() + self.settings.gateway.load_timeout_s
+        deadline = _now() + self.settings.gateway.load_timeout_s
         status = "reloading"
-        while status == "reloading" and time.monotonic() < deadline:
+        while status == "reloading" and _now() < deadline:
             await asyncio.sleep(0.25)
             status = (await node.client.lifecycle("status", model)).status
         return status
@@ -671,7 +675,7 @@ class Lifecycle:
         memory is really free), and cortex's own count, which already holds this load and any other load in
         progress on the node, fits it.
         """
-        deadline = time.monotonic() + self.memory_wait_s
+        deadline = _now() + self.memory_wait_s
         while True:
             used = await self._fresh_used(node)
             if used is None:
@@ -679,8 +683,8 @@ class Lifecycle:
             need_mb = self.fleet.estimate(model)  # after the fresh report: an estimate can rest on it
             total, counted, _ = self.fleet.vram(node)
             budget = total - self.settings.eviction.headroom_mb
-            if max(used + need_mb, counted) <= budget or time.monotonic() >= deadline:
-                if time.monotonic() >= deadline:
+            if max(used + need_mb, counted) <= budget or _now() >= deadline:
+                if _now() >= deadline:
                     log.warning("%s: memory not released after %.0f s; loading anyway", node.name, self.memory_wait_s)
                 return
             await asyncio.sleep(0.2)
@@ -869,16 +873,16 @@ class Lifecycle:
         keep = {m for m, s in node.slots.items() if s.state is SlotState.LOADED} | set(fleet.pins.get(node.name, ()))
         self.bus.publish(DefragStarted(node.name, node.cycles))
         # The requests that waited for the load that triggered this defrag get their leases first.
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and any(
+        deadline = _now() + 2.0
+        while _now() < deadline and any(
             fleet.queued.get(m) for m, s in node.slots.items() if s.state is SlotState.LOADED
         ):
             await asyncio.sleep(0.01)
         node.drained = True
         fleet.touch()
         try:
-            deadline = time.monotonic() + self.settings.gateway.drain_s
-            while node.in_flight > 0 and time.monotonic() < deadline:
+            deadline = _now() + self.settings.gateway.drain_s
+            while node.in_flight > 0 and _now() < deadline:
                 await asyncio.sleep(0.1)
             if self.restart is None:
                 result = RestartResult(False, f"no agent for {node.name}: restart skipped", ran=False)
@@ -920,8 +924,8 @@ class Lifecycle:
             self.changed()
 
     async def _wait_healthy(self, node: NodeRec) -> None:
-        deadline = time.monotonic() + self.restart_timeout_s
-        while time.monotonic() < deadline:
+        deadline = _now() + self.restart_timeout_s
+        while _now() < deadline:
             try:
                 await node.client.health()
                 return
