@@ -73,6 +73,24 @@ async def test_preloaded_models_of_unknown_size_are_evicted_for_a_cold_one(
         assert eng.fleet.footprint("org/c") == 5000
 
 
+async def test_a_known_size_evicts_preloaded_models_of_unknown_size(
+    sims: SimFactory, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The wanted model's size is configured, the preloaded victims' are not: they still make room."""
+    n = await sims(
+        "n",
+        [SimModel("org/a", 5000), SimModel("org/b", 5000), SimModel("org/c", 6000, loaded=False)],
+        vram_mb=12000,
+    )
+    settings = make_settings([node_cfg(n)], [ModelSettings(id="org/c", vram_mb=6000)], queue_timeout_s=10)
+    async with running(settings, tmp_path / "state.json") as (_eng, srv):
+        status, _, body = await asyncio.wait_for(chat(http, srv, "org/c"), 8)
+        assert status == 200, body
+        assert n.model_status("org/c") == "loaded"
+        assert [n.model_status(m) for m in ("org/a", "org/b")].count("unloaded") == 1
+        assert n.used_vram_mb() <= n.vram_mb
+
+
 async def test_an_oom_answer_evicts_the_next_victim_and_retries(
     sims: SimFactory, http: aiohttp.ClientSession, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -213,18 +231,20 @@ async def test_streams_cortex_cuts_itself_do_not_mark_the_node_down(
     settings = make_settings([node_cfg(n)])
     async with running(settings, tmp_path / "state.json") as (eng, srv):
 
-        async def long_stream() -> int:
-            body = chat_body("m/s", stream=True, max_tokens=400)
+        async def long_request(stream: bool) -> int:
+            body = chat_body("m/s", stream=stream, max_tokens=400)
             async with http.post(srv.url + CHAT, json=body) as resp:
                 await resp.read()
                 return resp.status
 
-        streams = [asyncio.ensure_future(long_stream()) for _ in range(3)]
-        await wait_until(lambda: eng.fleet.nodes["n"].slots["m/s"].in_flight == 3, "three streams in flight")
+        # unary ones get the node's 500 "No response received from the model" when the engine goes
+        streams = [asyncio.ensure_future(long_request(i % 2 == 0)) for i in range(6)]
+        await wait_until(lambda: eng.fleet.nodes["n"].slots["m/s"].in_flight == 6, "six requests in flight")
         eng.settings.gateway.drain_s = 0.1
         result = await eng.submit(cmd.UnloadModel("m/s", force=True))
         assert result.ok, result.message
-        await asyncio.wait_for(asyncio.gather(*streams), 10)
+        statuses = await asyncio.wait_for(asyncio.gather(*streams), 10)
+        assert statuses.count(200) == 3  # the streams had begun; the unary requests failed
         assert snap_node(eng, "n").status is NodeStatus.UP
         assert eng.fleet.nodes["n"].request_failures == 0
         status, headers, _ = await chat(http, srv, "k/e")
