@@ -179,10 +179,6 @@ class Lifecycle:
         self.queues: dict[str, _ModelQueue] = {}
         self.defragging: set[str] = set()
         self.memory_wait_s = 30.0
-        self.restart_timeout_s = max(
-            settings.gateway.queue_timeout_s, settings.gateway.first_byte_timeout_s, settings.gateway.load_timeout_s
-        )
-        """How long a restarted node may take to answer again (it loads every configured model first)."""
         self.agent_alive: Callable[[str], bool] = lambda _node: restart is not None
         """Whether the node has an agent that can restart it now (the engine wires the agent hub in)."""
         self._reconciling: set[str] = set()
@@ -191,6 +187,12 @@ class Lifecycle:
         self._changed = asyncio.Event()
         self.defrag_task: asyncio.Task[Any] | None = None
         """The last automatic defrag (tests await it)."""
+
+    @property
+    def restart_timeout_s(self) -> float:
+        """How long a restarted node may take to answer again (it loads every configured model first)."""
+        gateway = self.settings.gateway
+        return max(gateway.queue_timeout_s, gateway.first_byte_timeout_s, gateway.load_timeout_s)
 
     # -- request path -------------------------------------------------------------------------------
 
