@@ -21,6 +21,7 @@ from cortex.engine.events import EventBus, ModelLoaded, ModelUnloaded, NodeWentD
 from cortex.engine.mistralrs import MistralRsClient, SystemInfo
 from cortex.engine.state import (
     AgentInfo,
+    ClusterView,
     FleetSnapshot,
     FleetTotals,
     ModelSlot,
@@ -186,9 +187,16 @@ class Fleet:
         self.stats_for_node: Callable[[str], WindowStats] = lambda _n: WindowStats()
         self.totals: Callable[[], FleetTotals] = FleetTotals
         self.recent: Callable[[], tuple[RequestRecord, ...]] = tuple
+        self.remote_in_flight: Callable[[str, str], int] = lambda _node, _model: 0
+        """(node, model) → requests other gateways have in flight there (a cluster sets it; 0 alone)."""
+        self.cluster_view: Callable[[], ClusterView | None] = lambda: None
+        """The cluster's gateways and leases for the snapshot (None for a single gateway)."""
         self._dirty = True
         self._snap: FleetSnapshot | None = None
         self._by_model: dict[str, tuple[str, ...]] | None = None
+        self.catalogue_rev = 0
+        """Counts changes to what ``/v1/models`` shows (a slot's state, a slot listed or dropped, a pin):
+        the gateway serialises the catalogue again only when this (or a reload) changed it."""
 
     # -- change tracking ---------------------------------------------------------------------------
 
@@ -300,6 +308,7 @@ class Fleet:
         self.store.pins_added[node] = sorted(pins - configured)
         self.store.pins_removed[node] = sorted(configured - pins)
         self.store.save()
+        self.catalogue_rev += 1
         self.touch()
 
     def catalogue(self) -> dict[str, list[str]]:
@@ -391,11 +400,13 @@ class Fleet:
         if slot is None:
             slot = node.slots[model_id] = SlotRec(model_id, state, now)
             self._by_model = None
+            self.catalogue_rev += 1
             if by_poll and state is SlotState.LOADED:
                 slot.loaded_at = 0.0
         elif slot.state is not state:
             slot.state = state
             slot.state_since = now
+            self.catalogue_rev += 1
         if not by_poll:
             slot.acted_at = now
         if state is SlotState.LOADED and slot.loaded_at is None:
@@ -456,6 +467,7 @@ class Fleet:
             if node.slots[model_id].state not in (SlotState.LOADING, SlotState.UNLOADING):
                 del node.slots[model_id]
                 self._by_model = None
+                self.catalogue_rev += 1
         self.touch()
         if came_up:
             self.bus.publish(NodeWentUp(node.name))
@@ -502,7 +514,7 @@ class Fleet:
                     state_since=s.state_since,
                     vram_mb=self.footprint(s.model_id),
                     frees_mb=self.footprint(s.model_id) or max(self.floor(s.model_id), share),
-                    in_flight=s.in_flight,
+                    in_flight=s.in_flight + self.remote_in_flight(node.name, s.model_id),
                     last_used=s.last_used,
                     loaded_at=s.loaded_at,
                     pinned=self.is_pinned(node.name, s.model_id),
@@ -575,4 +587,5 @@ class Fleet:
                 queued=sum(self.queued.values()),
             ),
             strategy=self.settings.eviction.strategy,
+            cluster=self.cluster_view(),
         )

@@ -34,7 +34,8 @@ from cortex.config import parse_listen
 from cortex.errors import ListenError, Unauthorized
 from cortex.proxy.admin import add_admin_routes
 from cortex.proxy.anthropic import AnthropicError
-from cortex.proxy.anthropic_handler import add_anthropic_routes, anthropic_error_response, anthropic_models
+from cortex.proxy.anthropic_handler import add_anthropic_routes, anthropic_error_response
+from cortex.proxy.catalogue import Catalogue
 from cortex.proxy.common import check_api_key, secret_bytes
 from cortex.proxy.errors import openai_error
 from cortex.proxy.openai import handle_openai, models_payload
@@ -43,11 +44,13 @@ from cortex.proxy.responses import add_responses_routes
 if TYPE_CHECKING:
     from cortex.engine.engine import Engine
 
-__all__ = ["ENGINE", "Servers", "create_app", "create_metrics_app", "serve"]
+__all__ = ["CATALOGUE", "ENGINE", "Servers", "create_app", "create_metrics_app", "serve"]
 
 log = logging.getLogger(__name__)
 
 ENGINE = web.AppKey("engine", object)
+CATALOGUE = web.AppKey("catalogue", Catalogue)
+"""The app's :class:`~cortex.proxy.catalogue.Catalogue` (tests read how often it was built)."""
 
 
 def create_app(engine: Engine) -> web.Application:
@@ -69,6 +72,9 @@ def create_app(engine: Engine) -> web.Application:
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         app.router.add_post(path, inference(path))
 
+    catalogue = Catalogue(engine, models_payload)  # serialised once per fleet change, see catalogue.py
+    app[CATALOGUE] = catalogue
+
     async def list_models(request: web.Request) -> web.StreamResponse:
         anthropic = "anthropic-version" in request.headers
         try:
@@ -79,16 +85,21 @@ def create_app(engine: Engine) -> web.Application:
             return openai_error(401, exc.message, code="invalid_api_key")
         if anthropic:
             try:
-                return web.json_response(anthropic_models(engine, request.query))
+                page = catalogue.anthropic(request.query)
             except AnthropicError as err:
                 return anthropic_error_response(err.status, err.type, err.message)
-        return web.json_response(models_payload(engine))
+        else:
+            page = catalogue.openai()
+        if page.matches(request.headers.get("If-None-Match")):
+            return web.Response(status=304, headers={"ETag": page.etag})
+        return web.Response(body=page.body, content_type="application/json", headers={"ETag": page.etag})
 
     async def health(_request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})
 
     async def ready(_request: web.Request) -> web.StreamResponse:
-        up = [n.name for n in engine.snapshot().nodes if n.status.value in ("up", "draining")]
+        # From the node records, not a snapshot: a snapshot of 64 nodes is a rebuild a prober need not pay.
+        up = [n.name for n in engine.fleet.nodes.values() if n.status.value in ("up", "draining")]
         status = 200 if up else 503
         return web.json_response({"ready": bool(up), "nodes_up": up}, status=status)
 
@@ -335,6 +346,8 @@ class Servers:
     def __init__(self) -> None:
         self.api: tuple[str, int] = ("", 0)
         self.metrics: tuple[str, int] | None = None
+        self.catalogue: Catalogue | None = None
+        """The client API's model list cache (tests count its builds)."""
 
     @property
     def url(self) -> str:
@@ -362,8 +375,10 @@ async def serve(engine: Engine) -> AsyncIterator[Servers]:
         # handler_cancellation: a client that hangs up cancels its handler, which releases its lease and
         # drops the node's connection at once (without it, a non-streaming request waiting for a node
         # would hold both until first_byte_timeout_s). Admin commands shield themselves from it.
+        app = create_app(engine)
+        servers.catalogue = app[CATALOGUE]
         runner = web.AppRunner(
-            create_app(engine),
+            app,
             access_log=None,
             handle_signals=False,
             shutdown_timeout=settings.drain_s,
