@@ -138,8 +138,9 @@ class GatewaySettings(_Section):
 class EvictionSettings(_Section):
     """``[eviction]``: which models leave a node's VRAM, and when."""
 
-    strategy: Literal["lru", "priority"] = "lru"
-    """Victim order: `lru` (least recently used) or `priority` (lowest priority, then LRU)."""
+    strategy: Literal["lru", "priority", "cost"] = "lru"
+    """Victim order: `lru` (least recently used), `priority` (lowest priority, then LRU) or `cost` (cheapest
+    expected miss: reload time x chance of reuse within 10 minutes, per MiB freed; `cortex replay` compares them)."""
     idle_ttl_s: float = Field(default=0.0, ge=0)
     """Unload a model idle this long (0 = never); pinned models stay."""
     headroom_mb: int = Field(default=512, ge=0)

@@ -32,7 +32,16 @@ from cortex.engine.events import (
 from cortex.engine.fleet import Fleet, NodeRec
 from cortex.engine.metrics import CortexMetrics
 from cortex.engine.mistralrs import NodeError
-from cortex.engine.placement import Placement, evictable, place, select_victims, victim_order
+from cortex.engine.placement import (
+    DEFAULT_LOAD_S,
+    ModelStats,
+    Placement,
+    evictable,
+    model_miss_cost,
+    place,
+    select_victims,
+    victim_order,
+)
 from cortex.engine.router import pick_node
 from cortex.engine.state import NodeStatus, SlotState
 from cortex.engine.upstream import UpstreamPool
@@ -93,6 +102,7 @@ class Lease:
         self._released = False
         node.in_flight += 1
         self.slot.in_flight += 1
+        fleet.requested(model)
         fleet.touch()
 
     def release(self, *, failed: str | None = None) -> None:
@@ -351,12 +361,15 @@ class Lifecycle:
         bounded share of the node's time and each switch serves a batch: the requests that queued for the
         newcomer meanwhile), and the switch takes the model in use that has been resident longest (turns go
         round; evicting the least recently used would take the one whose next request comes soonest).
-        Models nobody uses are not protected by this rule beyond ``min_resident_s``.
+        Under the ``cost`` strategy the switch takes the model in use that is cheapest to miss instead
+        (:func:`~cortex.engine.placement.miss_cost`). Models nobody uses are not protected by this rule
+        beyond ``min_resident_s``.
         """
         quantum = self.quantum_s(model)
         if quantum <= 0:
             return {}
         now = self.fleet.clock()
+        stats = self.cost_stats()
         out: dict[str, set[str]] = {}
         for node in self.fleet.nodes.values():
             hot = [
@@ -370,9 +383,23 @@ class Lifecycle:
                 continue
             held = {model_id for _, model_id in hot}
             if not node.switching and now - node.switched_at >= quantum:
-                held.discard(min(hot)[1])  # the longest resident's turn is over
+                if stats is None:
+                    held.discard(min(hot)[1])  # the longest resident's turn is over
+                else:
+                    fp = self.fleet.footprint
+                    held.discard(min(hot, key=lambda h: (model_miss_cost(h[1], fp(h[1]) or 0, stats), h))[1])
             out[node.name] = held
         return out
+
+    def cost_stats(self) -> dict[str, ModelStats] | None:
+        """Demand and load time per model for the ``cost`` strategy (None under the other strategies)."""
+        if self.settings.eviction.strategy != "cost":
+            return None
+        mean = sum(self.load_s.values()) / len(self.load_s) if self.load_s else DEFAULT_LOAD_S
+        return {
+            m: ModelStats(rate=self.fleet.demand_rate(m), load_s=self.load_s.get(m, mean))
+            for m in self.fleet.demand.keys() | self.load_s.keys()
+        }
 
     def changed(self) -> None:
         """Something that may unblock a placer happened (a request ended, a poll landed)."""
@@ -401,6 +428,7 @@ class Lifecycle:
             protected=self.protected(model),
             exclude=exclude,
             exact=self.fleet.footprint(model) is not None,
+            stats=self.cost_stats(),
         )
 
     async def _placer(self, model: str, queue: _ModelQueue) -> None:
@@ -573,7 +601,12 @@ class Lifecycle:
             if s.model_id != model
             and evictable(s, now=now, min_resident_s=self.min_resident_s(s.model_id), queued=self.fleet.queued)
         ]
-        order = victim_order(candidates, strategy=self.settings.eviction.strategy, priorities=self.fleet.priorities)
+        order = victim_order(
+            candidates,
+            strategy=self.settings.eviction.strategy,
+            priorities=self.fleet.priorities,
+            stats=self.cost_stats(),
+        )
         return order[0].model_id if order else None
 
     async def _reload_watched(self, node: NodeRec, model: str) -> str | None:
@@ -816,6 +849,7 @@ class Lifecycle:
                 now=self.fleet.clock(),
                 min_resident_s=self.settings.eviction.min_resident_s,
                 queued=self.fleet.queued,
+                stats=self.cost_stats(),
             )
             if victims is None:
                 log.warning("no room for pinned %s on %s without breaking the eviction rules", model, node.name)
