@@ -30,6 +30,7 @@ from pydantic_settings import (
 )
 
 __all__ = [
+    "ClusterSettings",
     "ConfigFileError",
     "EvictionSettings",
     "GatewaySettings",
@@ -175,6 +176,27 @@ class TuiSettings(_Section):
     """Console redraws per second."""
 
 
+class ClusterSettings(_Section):
+    """``[cluster]``: several gateways on one fleet, coordinated through Redis (empty `redis_url`: one gateway)."""
+
+    redis_url: SecretStr = SecretStr("")
+    """Redis shared by every gateway of the fleet (`redis://HOST:6379/0`, `rediss://`, `unix:///path`); empty =
+    a single gateway, no Redis needed. A secret: it may carry a password, and it is never logged."""
+    name: str = Field(default="", pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    """This gateway's name among the others (unique); empty = `HOSTNAME:PORT` of `gateway.listen`."""
+    lease_ttl_s: float = Field(default=10.0, gt=0, le=300)
+    """Seconds a node's lifecycle lease outlives its holder's last renewal: a gateway that dies mid-load is
+    replaced by another one within this time (renewed every third of it)."""
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr) -> SecretStr:
+        text = value.get_secret_value()
+        if text and urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("not a Redis URL (expected redis://HOST:PORT/DB, rediss://... or unix:///PATH)")
+        return value
+
+
 def _check_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -246,6 +268,8 @@ class Settings(BaseSettings):
     """The fleet."""
     models: list[ModelSettings] = Field(default_factory=list)
     """Facts about models (footprint, priority, aliases)."""
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    """Other gateways sharing this fleet (Redis)."""
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:

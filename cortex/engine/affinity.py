@@ -128,6 +128,8 @@ class AffinityStore:
         self._dirty = False
         self._changed = asyncio.Event()
         self._lock = threading.Lock()
+        self.on_change: Callable[[str, Holder | None], None] | None = None
+        """Called after :meth:`remember` and :meth:`forget` (a cluster shares the map with other gateways)."""
         self._load()
 
     def __len__(self) -> int:
@@ -160,6 +162,20 @@ class AffinityStore:
         while len(self._map) > self.capacity:
             self._map.popitem(last=False)
         self._touch()
+        if self.on_change is not None:
+            self.on_change(response_id, self._map[response_id])
+
+    def adopt(self, response_id: str, holder: Holder | None) -> None:
+        """Take another gateway's change (a response it made, or forgot) without telling anyone back."""
+        if holder is None:
+            if self._map.pop(response_id, None) is not None:
+                self._touch()
+            return
+        self._map[response_id] = holder
+        self._map.move_to_end(response_id)
+        while len(self._map) > self.capacity:
+            self._map.popitem(last=False)
+        self._touch()
 
     def lookup(self, response_id: str) -> Holder | None:
         """Where a response was made, or None; a hit counts as a use (LRU)."""
@@ -173,6 +189,8 @@ class AffinityStore:
         if self._map.pop(response_id, None) is None:
             return False
         self._touch()
+        if self.on_change is not None:
+            self.on_change(response_id, None)
         return True
 
     # -- persistence ------------------------------------------------------------------------------------
@@ -337,6 +355,9 @@ def _pinned_load(engine: Engine, node: NodeRec, model: str) -> asyncio.Task[Any]
     slot = node.slots.get(model)
     if slot is None or slot.state is not SlotState.UNLOADED or model in engine.fleet.loading:
         return None
+    cluster = engine.cluster
+    if cluster is not None and not cluster.may_act(node.name):
+        return None  # another gateway acts on the node (or the store is down): wait and look again
     placement = engine.lifecycle.plan(model, set(), node=node.name)
     if placement is None:
         return None

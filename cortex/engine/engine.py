@@ -34,6 +34,7 @@ from cortex.engine.state import FleetSnapshot
 from cortex.engine.upstream import UpstreamPool
 
 if TYPE_CHECKING:
+    from cortex.cluster import Cluster
     from cortex.engine.reload import Reloader
 
 __all__ = ["Engine"]
@@ -76,6 +77,8 @@ class Engine:
         """The client API keys, one list the gateway's handlers share: a config reload changes it in place."""
         self.reloader: Reloader | None = None
         """Re-reads the config and applies it (set by the runtime when there is a config to re-read)."""
+        self.cluster: Cluster | None = None
+        """The other gateways sharing the fleet through Redis (``[cluster] redis_url``); None alone."""
 
     # -- resources ------------------------------------------------------------------------------------
 
@@ -106,6 +109,11 @@ class Engine:
             self.settings, fleet, self.metrics, self.bus, self.spawn, self._restart, upstream=self._upstream
         )
         self._lifecycle.agent_alive = self._agent_alive
+        if self.settings.cluster.redis_url.get_secret_value():
+            from cortex.cluster import Cluster  # imported only when configured: a lone gateway pays nothing
+
+            self.cluster = Cluster(self)
+            await self.cluster.start()
 
         for node in fleet.nodes.values():
             self.background(self._poll_loop(node))
@@ -123,6 +131,8 @@ class Engine:
 
     async def stop(self) -> None:
         """Cancel every engine task and close the session."""
+        if self.cluster is not None:
+            await self.cluster.stop()  # leases given back, this gateway leaves the registry
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -325,6 +335,8 @@ class Engine:
         new = node.status.value
         if new != old:
             self.bus.publish(NodeStatusChanged(node.name, old, new))
+        if self.cluster is not None:
+            self.cluster.drain_changed(node.name, node.drained)
 
     def pin_changed(self, model: str, node: str, pinned: bool) -> None:
         """Publish a pin change made by a command."""

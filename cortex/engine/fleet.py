@@ -22,6 +22,7 @@ from cortex.engine.events import EventBus, ModelLoaded, ModelUnloaded, NodeWentD
 from cortex.engine.mistralrs import MistralRsClient, SystemInfo
 from cortex.engine.state import (
     AgentInfo,
+    ClusterView,
     FleetSnapshot,
     FleetTotals,
     ModelSlot,
@@ -192,6 +193,10 @@ class Fleet:
         self.stats_for_node: Callable[[str], WindowStats] = lambda _n: WindowStats()
         self.totals: Callable[[], FleetTotals] = FleetTotals
         self.recent: Callable[[], tuple[RequestRecord, ...]] = tuple
+        self.remote_in_flight: Callable[[str, str], int] = lambda _node, _model: 0
+        """(node, model) → requests other gateways have in flight there (a cluster sets it; 0 alone)."""
+        self.cluster_view: Callable[[], ClusterView | None] = lambda: None
+        """The cluster's gateways and leases for the snapshot (None for a single gateway)."""
         self._dirty = True
         self._snap: FleetSnapshot | None = None
         self._by_model: dict[str, tuple[str, ...]] | None = None
@@ -526,7 +531,7 @@ class Fleet:
                     state_since=s.state_since,
                     vram_mb=self.footprint(s.model_id),
                     frees_mb=self.footprint(s.model_id) or max(self.floor(s.model_id), share),
-                    in_flight=s.in_flight,
+                    in_flight=s.in_flight + self.remote_in_flight(node.name, s.model_id),
                     last_used=s.last_used,
                     loaded_at=s.loaded_at,
                     pinned=self.is_pinned(node.name, s.model_id),
@@ -599,4 +604,5 @@ class Fleet:
                 queued=sum(self.queued.values()),
             ),
             strategy=self.settings.eviction.strategy,
+            cluster=self.cluster_view(),
         )

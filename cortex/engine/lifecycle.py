@@ -17,7 +17,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cortex.config import Settings
 from cortex.engine.events import (
@@ -47,7 +47,7 @@ from cortex.engine.state import NodeStatus, SlotState
 from cortex.engine.upstream import UpstreamPool
 from cortex.errors import LoadFailed, ModelTooLarge, NoNodeAvailable, QueueFull, QueueTimeout, UnknownModel
 
-__all__ = ["Lease", "Lifecycle", "RestartFn", "RestartResult"]
+__all__ = ["Coordinator", "Lease", "Lifecycle", "RestartFn", "RestartResult"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,52 @@ class RestartResult:
 
 
 RestartFn = Callable[[str, float], Awaitable[RestartResult]]
+
+
+class Coordinator(Protocol):
+    """What the lifecycle asks of the other gateways sharing its nodes (:mod:`cortex.cluster` implements it).
+
+    A gateway acts on a node (reload, unload, evict, restart) only while it holds that node's lease, and
+    loads a model only while it holds the model's load claim, so two gateways never act on one node at once
+    and a model is loaded once across all of them. Without the store every answer is "no": the lifecycle
+    turns read-only (loaded models keep serving, the rest waits).
+    """
+
+    async def acquire(self, node: str) -> bool | None:
+        """Take (or re-enter) the node's lease: None when refused, True when newly taken, False when held."""
+        ...
+
+    def release(self, node: str) -> None:
+        """Leave the lease taken by :meth:`acquire` (given back when this gateway's last user leaves)."""
+        ...
+
+    def holds(self, node: str) -> bool:
+        """Whether the lease is still this gateway's (renewed within its TTL): checked before each node call."""
+        ...
+
+    async def claim(self, node: str, model: str) -> bool:
+        """Claim the one load of ``model`` across the gateways (to run on ``node``) and take the node's lease."""
+        ...
+
+    def unclaim(self, node: str, model: str) -> None:
+        """End a :meth:`claim` (the claim and the lease are given back)."""
+        ...
+
+    async def claimed_elsewhere(self, model: str) -> bool:
+        """Whether another gateway is loading ``model`` now (or the store cannot say: read-only)."""
+        ...
+
+    def acted(self, node: str, model: str, what: str) -> None:
+        """Tell the other gateways that ``model`` was ``loaded`` or ``unloaded`` on ``node`` (they re-read it)."""
+        ...
+
+    def remote_in_flight(self, node: str, model: str) -> int:
+        """Requests other gateways have in flight for ``model`` on ``node``."""
+        ...
+
+    def remote_last_used(self, node: str, model: str) -> float:
+        """Wall time another gateway last sent a request for ``model`` to ``node`` (0: never)."""
+        ...
 
 
 class Lease:
@@ -197,6 +243,8 @@ class Lifecycle:
         self._changed = asyncio.Event()
         self.defrag_task: asyncio.Task[Any] | None = None
         """The last automatic defrag (tests await it)."""
+        self.coord: Coordinator | None = None
+        """The other gateways sharing these nodes (``[cluster] redis_url``); None: this gateway acts alone."""
 
     @property
     def restart_timeout_s(self) -> float:
@@ -440,7 +488,9 @@ class Lifecycle:
                 if self.route(model) is not None:
                     queue.wake()
                     return
-                if model in self.fleet.loading:
+                if model in self.fleet.loading or (
+                    self.coord is not None and await self.coord.claimed_elsewhere(model)
+                ):
                     await self._wait_change(1.0)
                     continue
                 candidates = [n for n in self.fleet.listed(model) if n.name not in tried and n.status is NodeStatus.UP]
@@ -460,7 +510,11 @@ class Lifecycle:
                 if self.route(model) is not None:
                     continue
                 placement = self.plan(model, tried)
+                if self.coord is not None:
+                    placement = await self._take_turn(model, placement, candidates, tried)
                 if placement is None:
+                    if self.route(model) is not None:
+                        continue
                     why = self.explain(model)
                     shape = re.sub(r"\d+", "#", why)
                     if shape != told:
@@ -475,6 +529,8 @@ class Lifecycle:
                 finally:
                     if warm is not None:
                         warm.cancel()
+                    if self.coord is not None:
+                        self.coord.unclaim(node.name, model)
                 if error is None:
                     queue.wake()
                     return
@@ -483,6 +539,51 @@ class Lifecycle:
         finally:
             if queue.waiters == 0 and self.queues.get(model) is queue:
                 self.queues.pop(model, None)
+
+    async def _take_turn(
+        self, model: str, placement: Placement | None, candidates: list[NodeRec], tried: set[str]
+    ) -> Placement | None:
+        """With other gateways: claim the model's load and the node's lease, re-read the node, plan again.
+
+        The node is the truth, and another gateway may have changed it since the last poll: after the lease
+        is taken the node is read afresh and the placement made again on it alone (no ``await`` between that
+        plan and the load's marks). A node that reports the model ``reloading`` (a load whose gateway died
+        mid-way, the lease now expired) is taken over: the load is followed there, not started again.
+        Returns None, holding nothing, when the turn is not this gateway's (or nothing fits any more).
+        """
+        assert self.coord is not None
+        if placement is not None:
+            node = self.fleet.nodes[placement.node]
+        else:
+            stuck = [n for n in candidates if (s := n.slots.get(model)) is not None and s.state is SlotState.STUCK]
+            if not stuck:
+                return None
+            node = stuck[0]
+        if not await self.coord.claim(node.name, model):
+            return None
+        try:
+            await self.refresh(node)
+            slot = node.slots.get(model)
+            if self.route(model) is None and slot is not None and model not in self.fleet.loading:
+                if slot.state is SlotState.STUCK:
+                    return Placement(node.name)
+                again = self.plan(model, tried, node=node.name)
+                if again is not None:
+                    return again
+        except NodeError:
+            pass
+        self.coord.unclaim(node.name, model)
+        return None
+
+    async def refresh(self, node: NodeRec) -> None:
+        """Read the node's models and memory now and take them as the truth (after taking its lease).
+
+        Raises:
+            NodeError: the node did not answer.
+        """
+        models, info = await asyncio.gather(node.client.models(), node.client.system_info())
+        self.fleet.poll_ok(node, models, info, fresh=True)
+        self.changed()
 
     async def _warm_connections(self, node: NodeRec, queue: _ModelQueue) -> None:
         """While a model loads, keep one idle connection to its node per waiting request (up to a cap).
@@ -499,6 +600,40 @@ class Lifecycle:
     # -- node actions ---------------------------------------------------------------------------------
 
     async def load_on(
+        self, node: NodeRec, model: str, victims: tuple[str, ...] = (), reason: str = "evict"
+    ) -> str | None:
+        """Make room on ``node`` and load ``model`` there (see :meth:`_load_on`), holding the node's lease.
+
+        With other gateways (:attr:`coord`) the node's lease is taken first; a lease newly taken means the
+        node is read again: a model another gateway loaded meanwhile is not loaded twice, and victims that
+        are gone are not unloaded again.
+        """
+        coord = self.coord
+        if coord is None:
+            return await self._load_on(node, model, victims, reason)
+        held = await coord.acquire(node.name)
+        if held is None:
+            return f"another gateway holds {node.name}'s lease, or the cluster store is down (read-only)"
+        try:
+            if held:
+                try:
+                    await self.refresh(node)
+                except NodeError as exc:
+                    return str(exc)
+                slot = node.slots.get(model)
+                if slot is not None and slot.state is SlotState.LOADED:
+                    return None
+                victims = tuple(
+                    v for v in victims if (s := node.slots.get(v)) is not None and s.state is SlotState.LOADED
+                )
+            error = await self._load_on(node, model, victims, reason)
+            if error is None:
+                coord.acted(node.name, model, "loaded")
+            return error
+        finally:
+            coord.release(node.name)
+
+    async def _load_on(
         self, node: NodeRec, model: str, victims: tuple[str, ...] = (), reason: str = "evict"
     ) -> str | None:
         """Make room on ``node`` and load ``model`` there. Returns None on success, else the error.
@@ -644,6 +779,8 @@ class Lifecycle:
         try:
             status = (await node.client.lifecycle("status", model)).status
             if status == "unloaded":
+                if self.coord is not None and not self.coord.holds(node.name):
+                    return f"this gateway lost {node.name}'s lease before the reload (fenced off)"
                 t0 = _now()
                 reply = await node.client.lifecycle("reload", model, timeout_s=self.settings.gateway.load_timeout_s)
                 status, detail = reply.status, reply.error
@@ -745,7 +882,28 @@ class Lifecycle:
         self.changed()
 
     async def unload_on(self, node: NodeRec, model: str, reason: str, *, marked: bool = False) -> str | None:
-        """Unload a model from a node. Returns None on success, else the error."""
+        """Unload a model from a node. Returns None on success, else the error.
+
+        With other gateways the node's lease is held for it (refused: the error says so, the slot is left
+        as it was) and the others are told, so they re-read the node.
+        """
+        coord = self.coord
+        if coord is None:
+            return await self._unload_on(node, model, reason, marked=marked)
+        if await coord.acquire(node.name) is None:
+            slot = node.slots.get(model)
+            if marked and slot is not None and slot.state is SlotState.UNLOADING:
+                self.fleet.set_slot(node, model, SlotState.LOADED)
+            return f"another gateway holds {node.name}'s lease, or the cluster store is down (read-only)"
+        try:
+            error = await self._unload_on(node, model, reason, marked=marked)
+            if error is None:
+                coord.acted(node.name, model, "unloaded")
+            return error
+        finally:
+            coord.release(node.name)
+
+    async def _unload_on(self, node: NodeRec, model: str, reason: str, *, marked: bool = False) -> str | None:
         fleet = self.fleet
         slot = node.slots.get(model)
         previous = slot.state if slot is not None else SlotState.UNLOADED
@@ -753,6 +911,8 @@ class Lifecycle:
             fleet.set_slot(node, model, SlotState.UNLOADING)
         node.actions += 1
         try:
+            if self.coord is not None and not self.coord.holds(node.name):
+                raise NodeError(f"this gateway lost {node.name}'s lease before the unload (fenced off)")
             reply = await node.client.lifecycle("unload", model)
         except NodeError as exc:
             fleet.set_slot(node, model, previous if previous is not SlotState.UNLOADING else SlotState.LOADED)
@@ -777,6 +937,9 @@ class Lifecycle:
         """
         if node.name in self.defragging or node.name in self._reconciling:
             return
+        coord = self.coord
+        if coord is not None and await coord.acquire(node.name) is None:
+            return  # the lease holder reconciles it (or, read-only, nobody until the store is back)
         self._reconciling.add(node.name)
         try:
             if budget:
@@ -784,6 +947,8 @@ class Lifecycle:
             await self.load_pins(node)
         finally:
             self._reconciling.discard(node.name)
+            if coord is not None:
+                coord.release(node.name)
 
     def pins_missing(self, node: NodeRec) -> bool:
         """Whether a model pinned on an up node is unloaded there with no load under way."""
@@ -813,6 +978,7 @@ class Lifecycle:
                     live is None
                     or live.state is not SlotState.LOADED
                     or live.in_flight > 0
+                    or self._remote_busy(node, slot.model_id)
                     or fleet.queued.get(slot.model_id, 0) > 0
                     or fleet.is_pinned(node.name, slot.model_id)
                 ):
@@ -869,14 +1035,21 @@ class Lifecycle:
                 # state_since: a model found loaded by a poll counts as used long ago for eviction, but its
                 # idle time starts when cortex first saw it, not at the epoch.
                 idle_since = max(slot.last_used, slot.loaded_at or 0.0, slot.state_since)
+                if self.coord is not None:
+                    idle_since = max(idle_since, self.coord.remote_last_used(node.name, slot.model_id))
                 if (
                     slot.state is SlotState.LOADED
                     and slot.in_flight == 0
+                    and not self._remote_busy(node, slot.model_id)
                     and not self.fleet.is_pinned(node.name, slot.model_id)
                     and self.fleet.queued.get(slot.model_id, 0) == 0
                     and now - idle_since >= ttl
                 ):
                     await self.unload_on(node, slot.model_id, "ttl")
+
+    def _remote_busy(self, node: NodeRec, model: str) -> bool:
+        """Whether another gateway has requests in flight for ``model`` on ``node`` (never evict under them)."""
+        return self.coord is not None and self.coord.remote_in_flight(node.name, model) > 0
 
     def _maybe_defrag(self, node: NodeRec) -> None:
         after = self.settings.eviction.defrag_after_cycles
@@ -895,8 +1068,22 @@ class Lifecycle:
     async def defrag(self, node: NodeRec, *, reason: str) -> RestartResult:
         """Drain, restart through the agent, wait for health, trim to pins and residents, reload pins.
 
-        Without a live agent nothing could restart the node: that is said at once, before any drain.
+        Without a live agent nothing could restart the node: that is said at once, before any drain. With
+        other gateways the node's lease is held throughout (refused: nothing is done, and that is said).
         """
+        coord = self.coord
+        if coord is None or node.name in self.defragging:
+            return await self._defrag(node, reason=reason)
+        if await coord.acquire(node.name) is None:
+            return RestartResult(
+                False, f"another gateway holds {node.name}'s lease, or the cluster store is down", ran=False
+            )
+        try:
+            return await self._defrag(node, reason=reason)
+        finally:
+            coord.release(node.name)
+
+    async def _defrag(self, node: NodeRec, *, reason: str) -> RestartResult:
         if node.name in self.defragging:
             return RestartResult(False, f"{node.name} is already restarting", ran=False)
         if self.restart is None or not self.agent_alive(node.name):
@@ -941,6 +1128,7 @@ class Lifecycle:
                     slot.state is SlotState.LOADED
                     and model not in keep
                     and slot.in_flight == 0
+                    and not self._remote_busy(node, model)
                     and not fleet.queued.get(model)
                     and not fleet.is_pinned(node.name, model)
                 ):

@@ -15,9 +15,12 @@ from typing import Any
 
 __all__ = [
     "AgentInfo",
+    "ClusterView",
     "FleetSnapshot",
     "FleetTotals",
+    "GatewayInfo",
     "GpuInfo",
+    "LeaseInfo",
     "ModelSlot",
     "ModelView",
     "NodeSnapshot",
@@ -224,6 +227,46 @@ class FleetTotals:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayInfo:
+    """One gateway of a cluster, as its Redis heartbeat last said."""
+
+    name: str
+    address: str
+    heartbeat: float
+    """Wall-clock time of its last heartbeat."""
+    me: bool = False
+    """Whether this is the gateway the snapshot comes from."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    """Who holds one node's lifecycle lease (only while a gateway loads, unloads or restarts there)."""
+
+    node: str
+    holder: str
+    """The gateway's name; "" when nobody holds it."""
+    token: int = 0
+    """The holder's fencing token (grows with every grant of this node's lease)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """The gateways sharing the fleet through Redis (``[cluster] redis_url``)."""
+
+    name: str
+    """This gateway's name."""
+    store_up: bool
+    """Whether Redis answers; False: read-only lifecycle (loaded models serve, the rest waits)."""
+    gateways: tuple[GatewayInfo, ...] = ()
+    leases: tuple[LeaseInfo, ...] = ()
+
+    @property
+    def read_only(self) -> bool:
+        """Whether this gateway may not load, unload, evict or restart anything now."""
+        return not self.store_up
+
+
+@dataclass(frozen=True, slots=True)
 class FleetSnapshot:
     """The whole fleet at one moment."""
 
@@ -237,6 +280,8 @@ class FleetSnapshot:
     """Recent requests, newest first (bounded)."""
     totals: FleetTotals = field(default_factory=FleetTotals)
     strategy: str = "lru"
+    cluster: ClusterView | None = None
+    """The other gateways and the node leases; None for a single gateway (no `[cluster] redis_url`)."""
 
     def node(self, name: str) -> NodeSnapshot | None:
         """A node by name."""

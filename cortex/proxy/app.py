@@ -101,7 +101,16 @@ def create_app(engine: Engine) -> web.Application:
         # From the node records, not a snapshot: a snapshot of 64 nodes is a rebuild a prober need not pay.
         up = [n.name for n in engine.fleet.nodes.values() if n.status.value in ("up", "draining")]
         status = 200 if up else 503
-        return web.json_response({"ready": bool(up), "nodes_up": up}, status=status)
+        body: dict[str, object] = {"ready": bool(up), "nodes_up": up}
+        cluster = engine.cluster
+        if cluster is not None:  # loaded models serve while Redis is down; loads and evictions wait for it
+            view = cluster.view()
+            body["cluster"] = {
+                "gateway": view.name,
+                "store": "up" if view.store_up else "down",
+                "read_only": view.read_only,
+            }
+        return web.json_response(body, status=status)
 
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
