@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # `agent` and `sim` parse their own flags (see _own_parser): importing them costs a second that
     # `cortex status` should not pay.
-    for name, text in (("agent", "the per-node sidecar"), ("sim", "run one simulated mistral.rs node")):
+    for name, text in (
+        ("agent", "the per-node sidecar"),
+        ("sim", "run one simulated mistral.rs node"),
+        ("replay", "replay a traffic trace under each eviction strategy (virtual time)"),
+    ):
         sub.add_parser(name, help=text)
     return parser
 
@@ -115,7 +119,7 @@ def _own_command(argv: list[str]) -> tuple[int, str] | None:
             continue
         if token.startswith("-"):
             continue
-        return (index, token) if token in ("agent", "sim") else None
+        return (index, token) if token in ("agent", "sim", "replay") else None
     return None
 
 
@@ -202,6 +206,10 @@ def _main(argv: Sequence[str] | None) -> int:
             from cortex.agent.cli import add_agent_arguments, run_agent
 
             return run_agent(_own_parser("agent", add_agent_arguments).parse_args(rest))
+        if name == "replay":
+            from cortex.replay.cli import add_replay_arguments, run_replay
+
+            return run_replay(_own_parser("replay", add_replay_arguments).parse_args(rest))
         from cortex.sim.cli import add_sim_arguments, run_sim
 
         return run_sim(_own_parser("sim", add_sim_arguments).parse_args(rest))

@@ -288,9 +288,7 @@ def _result(world: _World, requests: Sequence[Request], fleet: FleetSpec) -> Rep
         p50_wait_s=quantile(waits, 0.50),
         p95_wait_s=quantile(waits, 0.95),
         max_wait_s=max(waits, default=0.0),
-        lower_bound_loads=lower_bound_loads(
-            world.served, fleet, headroom_mb=world.settings.eviction.headroom_mb
-        ),
+        lower_bound_loads=lower_bound_loads(world.served, fleet, headroom_mb=world.settings.eviction.headroom_mb),
         failed=world.failed,
         hourly_wait_s=hourly,
     )
