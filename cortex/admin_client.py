@@ -170,4 +170,21 @@ def format_status(fleet: dict[str, Any]) -> str:
             f"{model['in_flight']:>9} {model['queued']:>6}  {_ago(model['last_used'], now)}"
         )
     lines.append("(* pinned)")
+    cluster = fleet.get("cluster")
+    if cluster:
+        lines += ["", _cluster_lines(cluster, now)]
+    return "\n".join(lines)
+
+
+def _cluster_lines(cluster: dict[str, Any], now: float) -> str:
+    """The gateways sharing the fleet and who holds each node's lease (``[cluster] redis_url``)."""
+    store = "up" if cluster.get("store_up") else "DOWN: read-only (loaded models serve, nothing loads or unloads)"
+    lines = [f"cluster store {store}", f"{'GATEWAY':<24} {'ADDRESS':<28} HEARTBEAT"]
+    for gateway in cluster.get("gateways", []):
+        name = gateway["name"] + (" (this)" if gateway.get("me") else "")
+        lines.append(f"{name:<24} {gateway['address']:<28} {_ago(gateway['heartbeat'], now)}")
+    lines.append(f"{'NODE':<14} LEASE")
+    for lease in cluster.get("leases", []):
+        holder = f"{lease['holder']} (token {lease['token']})" if lease.get("holder") else "-"
+        lines.append(f"{lease['node']:<14} {holder}")
     return "\n".join(lines)

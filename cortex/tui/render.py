@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -157,6 +157,14 @@ def header_line(
     ]
     if totals.queued:
         spans.append((f", {totals.queued} queued", "warning"))
+    cluster = snap.cluster
+    if cluster is not None:
+        if cluster.store_up:
+            others = [g for g in cluster.gateways if not g.me]
+            ages = ", ".join(f"{g.name} {fmt.short_age(g.heartbeat, now)}" for g in others) or "no other"
+            spans.append((f"  cluster {cluster.name} + {ages}", "muted"))
+        else:
+            spans.append(("  redis down: read-only", "error"))
     if metrics:
         host = (address or "").rsplit(":", 1)[0]
         if host and metrics.startswith(host + ":"):
@@ -201,13 +209,19 @@ def _agent(node: NodeSnapshot, now: float) -> Cell:
     return cell(f"ok {seen}", "success") if agent.fresh else cell(f"stale {seen}", "warning")
 
 
-def node_cells(node: NodeSnapshot, now: float) -> tuple[Cell, ...]:
-    """The cells of one node's row."""
+def _lease_mark(node: str, holders: Mapping[str, str] | None) -> str:
+    """`` @gw-b`` after a node's status while a gateway holds its lifecycle lease (clusters only)."""
+    holder = holders.get(node, "") if holders else ""
+    return f" @{holder}" if holder else ""
+
+
+def node_cells(node: NodeSnapshot, now: float, lease_holders: Mapping[str, str] | None = None) -> tuple[Cell, ...]:
+    """The cells of one node's row (``lease_holders``: node → the gateway acting on it, in a cluster)."""
     left = node.cycles_to_defrag
     vram = vram_bar(node.vram_used_mb, node.vram_total_mb, approx=node.vram_source == "estimate")
     return (
         cell(node.name),
-        cell(node.status.value, STATUS_TONE.get(node.status, "")),
+        cell(node.status.value + _lease_mark(node.name, lease_holders), STATUS_TONE.get(node.status, "")),
         vram,
         _node_models(node),
         cell(str(node.in_flight), "" if node.in_flight else "muted"),
@@ -239,7 +253,8 @@ def node_rows(snap: FleetSnapshot, now: float, *, needle: str = "", sort: str = 
     needle = needle.lower()
     nodes = [n for n in snap.nodes if _matches(needle, (n.name, *_loaded_ids(n)))]
     nodes.sort(key=NODE_SORTS.get(sort, NODE_SORTS["name"]))
-    return [(n.name, node_cells(n, now)) for n in nodes]
+    holders = {lease.node: lease.holder for lease in snap.cluster.leases} if snap.cluster is not None else None
+    return [(n.name, node_cells(n, now, holders)) for n in nodes]
 
 
 def _state(model: ModelView, now: float) -> Cell:
