@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,8 @@ async def _leases(url: str, name: str, ttl_s: float, tasks: set[asyncio.Task[Any
     store = Store(url, lambda _up: None)
     await store.run(store.redis.ping())
 
-    def spawn(coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
+    def spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         tasks.add(task)
         return task
 
