@@ -104,6 +104,10 @@ TARGETS_RATIO = {
 HOLD_LIMIT_MB = 150.0
 ANTHROPIC_LIMIT = 3.0
 METRICS_LIMIT = 0.10
+I18_CHUNK_VS_NGINX = 2.0
+"""Issue 18: CPU per streamed chunk at most twice nginx's."""
+I18_ANTHROPIC = 1.5
+I18_HOLD_MIB = 100.0
 
 
 @dataclass
@@ -632,6 +636,26 @@ def measure(cfg: dict[str, Any], targets: list[Target], info: dict[str, Any], r:
     }
     if anthropic is not None:
         checks["anthropic_chunk"] = {"ratio": anthropic["ratio"], "limit": ANTHROPIC_LIMIT, "met": anthropic["met"]}
+    # Issue 18's tighter targets, reported beside the ones above.
+    for key, limit in (("cpu_us_per_req", 0.5), ("added_p50_ms", 0.5)):
+        ratio = ratios["cortex"][key]
+        checks[f"i18_{key}"] = {"ratio": ratio, "limit": limit, "met": ratio is not None and ratio <= limit}
+    if "nginx" in summary and summary["nginx"]["cpu_us_per_chunk"]:
+        ratio = c["cpu_us_per_chunk"] / summary["nginx"]["cpu_us_per_chunk"]
+        checks["i18_cpu_us_per_chunk_vs_nginx"] = {
+            "ratio": ratio,
+            "limit": I18_CHUNK_VS_NGINX,
+            "met": ratio <= I18_CHUNK_VS_NGINX,
+        }
+    if anthropic is not None:
+        ratio = anthropic["ratio"]
+        checks["i18_anthropic_chunk"] = {"ratio": ratio, "limit": I18_ANTHROPIC, "met": ratio <= I18_ANTHROPIC}
+    mib = c["hold_rss_max_mb"]  # loadgen's "MB" are MiB (bytes / 2**20)
+    checks["i18_hold_1000_mib"] = {
+        "rss_max_mib": mib,
+        "limit_mib": I18_HOLD_MIB,
+        "met": checks["hold_1000"]["met"] and mib is not None and mib <= I18_HOLD_MIB,
+    }
     mb = metrics_microbench(cfg["metrics_calls"])
     frac = mb["us_per_call_median"] / c["cpu_us_per_req"] if c["cpu_us_per_req"] else None
     mb["fraction_of_cortex_cpu_per_req"] = frac
