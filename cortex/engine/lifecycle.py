@@ -182,11 +182,12 @@ class _ModelQueue:
 
     def __init__(self) -> None:
         self.waiters = 0
-        self.pending: set[asyncio.Future[None]] = set()
+        self.pending: dict[asyncio.Future[None], None] = {}
+        """Waiting requests in arrival order (a dict as an ordered set: released first come, first served)."""
         self.placer: asyncio.Task[Any] | None = None
 
     def wake(self, error: Exception | None = None) -> None:
-        pending, self.pending = self.pending, set()
+        pending, self.pending = self.pending, {}
         for fut in pending:
             if not fut.done():
                 if error is None:
@@ -199,12 +200,12 @@ class _ModelQueue:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         timer = loop.call_later(timeout_s, _settle, fut)
-        self.pending.add(fut)
+        self.pending[fut] = None
         try:
             await fut
         finally:
             timer.cancel()
-            self.pending.discard(fut)
+            self.pending.pop(fut, None)
 
 
 def _settle(fut: asyncio.Future[None]) -> None:
