@@ -125,6 +125,12 @@ class GatewaySettings(_Section):
     `admin_token` is empty (a browser page on another name is refused: DNS rebinding)."""
     drain_s: float = Field(default=30.0, ge=0)
     """On shutdown, seconds in-flight streams may take to finish."""
+    record: str = ""
+    """Append one JSON line per finished request to this file, for `cortex replay` (empty: off). A line holds
+    when, which model and node, how long the node was busy, token counts and the wait for a load; no prompt
+    text, no client identity."""
+    record_max_mb: float = Field(default=256.0, gt=0)
+    """Size at which the record file is rotated to `PATH.1` (the previous `.1` is replaced)."""
     watch_config: bool = False
     """Re-read this file when it changes (checked every 2 s), as SIGHUP and `cortex reload` do."""
 

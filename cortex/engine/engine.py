@@ -30,6 +30,7 @@ from cortex.engine.kinds import ModelKinds
 from cortex.engine.lifecycle import Lease, Lifecycle, RestartResult
 from cortex.engine.metrics import CortexMetrics, RequestOutcome
 from cortex.engine.mistralrs import MistralRsClient, NodeError
+from cortex.engine.recorder import TraceRecorder
 from cortex.engine.state import FleetSnapshot
 from cortex.engine.upstream import UpstreamPool
 
@@ -69,6 +70,11 @@ class Engine:
         self.ready = asyncio.Event()
         """Set once every node has been polled once (and pins/budgets reconciled where up)."""
         self._aliases: dict[str, str | None] = {}
+        record = settings.gateway.record
+        self.recorder: TraceRecorder | None = (
+            TraceRecorder(Path(record).expanduser(), settings.gateway.record_max_mb) if record else None
+        )
+        """Writes the traffic record for ``cortex replay`` (``gateway.record``), or None."""
         self.affinity = AffinityStore(responses_file or responses_path(state_path))
         """Which node holds each stored OpenAI response (``previous_response_id`` routing), persisted."""
         self.kinds = ModelKinds()
@@ -120,6 +126,8 @@ class Engine:
         self.background(self._mark_ready())
         self.background(self._ttl_loop())
         self.background(self._agents_loop())
+        if self.recorder is not None:
+            self.recorder.start()
         self.background(self.affinity.run())
         self.background(self.kinds.run(self))
         return self
@@ -131,6 +139,8 @@ class Engine:
 
     async def stop(self) -> None:
         """Cancel every engine task and close the session."""
+        if self.recorder is not None:
+            await self.recorder.stop()  # what is buffered reaches the file
         if self.cluster is not None:
             await self.cluster.stop()  # leases given back, this gateway leaves the registry
         tasks = list(self._tasks)
@@ -321,6 +331,8 @@ class Engine:
         from cortex.engine.events import RequestCompleted
 
         record = self.metrics.request_done(outcome)
+        if self.recorder is not None:
+            self.recorder.add(outcome, record)
         self.fleet.touch()
         if self.bus.subscribers:
             self.bus.publish(RequestCompleted(record))
