@@ -39,6 +39,7 @@ def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
+
 MODELS = ("org/a", "org/b", "org/c")
 
 
@@ -165,8 +166,11 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "before"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.before], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.before],
+            check=True,
+            capture_output=True,
+        )
         try:
             results = {
                 "before min_resident_s=0": _child(old, args, 0.0),
@@ -175,15 +179,18 @@ def main() -> None:
                 "after min_resident_s=30": _child(ROOT, args, 30.0),
             }
         finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False,
-                           capture_output=True)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False, capture_output=True
+            )
     for name, row in results.items():
         print(f"{name:38s} " + "  ".join(f"{k}={v}" for k, v in row.items()))
     base = results["before min_resident_s=0"]
     after = results["after (defaults: min_resident_s=0)"]
     ratio = after["loads"] / base["loads"] if base["loads"] else float("nan")
-    print(f"\nloads after/before(min_resident_s=0): {ratio:.2f}   "
-          f"p95 wait after/before: {after['p95_wait_s']} / {base['p95_wait_s']}")
+    print(
+        f"\nloads after/before(min_resident_s=0): {ratio:.2f}   "
+        f"p95 wait after/before: {after['p95_wait_s']} / {base['p95_wait_s']}"
+    )
     from bench.benchlib import save_results
 
     save_results(args.out, {"args": {k: v for k, v in vars(args).items() if k != "out"}, "results": results})

@@ -86,7 +86,7 @@ def test_bad_config_one_line_per_error_exit_2(tmp_path: Path) -> None:
     assert lines == [
         "gateway.listen: expected HOST:PORT, e.g. 127.0.0.1:8000",
         "gateway.max_queue: Input should be greater than 0",
-        "eviction.strategy: Input should be 'lru' or 'priority'",
+        "eviction.strategy: Input should be 'lru', 'priority' or 'cost'",
         "nodes[1].endpoint: not a URL (expected http://HOST:PORT)",
     ]
     assert "Traceback" not in proc.stderr
