@@ -817,8 +817,12 @@ class Lifecycle:
         after = await self._fresh_used(node)
         fleet.settled(node, model)
         if fleet.footprint(model) is None:
-            alone = alone and node.actions == actions and not any(
-                s.state in (SlotState.LOADING, SlotState.UNLOADING) for m, s in node.slots.items() if m != model
+            alone = (
+                alone
+                and node.actions == actions
+                and not any(
+                    s.state in (SlotState.LOADING, SlotState.UNLOADING) for m, s in node.slots.items() if m != model
+                )
             )
             if alone and before is not None and after is not None and after > before:
                 fleet.learn_footprint(model, after - before)

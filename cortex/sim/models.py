@@ -79,7 +79,7 @@ LOAD_STEPS = 4
 def oom_message(model_id: str, want_mb: int, free_mb: int) -> str:
     """The error of a load that ran out of device memory, shaped like candle's CUDA driver error."""
     return (
-        f"Failed to load model: CUDA out of memory: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\") "
+        f'Failed to load model: CUDA out of memory: DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory") '
         f"while allocating {want_mb} MiB for {model_id} ({free_mb} MiB free)"
     )
 
