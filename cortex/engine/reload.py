@@ -46,6 +46,8 @@ RESTART_KEYS = (
     "gateway.max_connections",
     "gateway.header_timeout_s",
     "gateway.keepalive_timeout_s",
+    "gateway.record",
+    "gateway.record_max_mb",
 )
 """Settings the servers read once, when they start: a change is reported, and applies at the next start."""
 RETIRE_CHECK_S = 0.05
@@ -145,7 +147,11 @@ class Reloader:
         keep = {key.split(".", 1)[1]: _get(old, key) for key in restart}  # the running value stays in force
         if new.tui != old.tui:
             restart.append("tui")
-        new = new.model_copy(update={"gateway": new.gateway.model_copy(update=keep), "tui": old.tui})
+        if new.cluster != old.cluster:
+            restart.append("cluster")  # the Redis connection and this gateway's name are set up at start
+        new = new.model_copy(
+            update={"gateway": new.gateway.model_copy(update=keep), "tui": old.tui, "cluster": old.cluster}
+        )
         changes = [
             *_section_changes("gateway", old.gateway, new.gateway),
             *_section_changes("eviction", old.eviction, new.eviction),

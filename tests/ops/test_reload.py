@@ -243,6 +243,24 @@ async def test_settings_apply_live_and_listen_addresses_wait_for_a_restart(fleet
     )
 
 
+async def test_cluster_and_record_changes_wait_for_a_restart(fleet: FleetFactory, tmp_path: Path) -> None:
+    f = await fleet(NodeSpec("a", [SimModel("m1", 1000)]))
+    path = tmp_path / "cortex.toml"
+    reloader(f, path)
+    record = tmp_path / "trace.jsonl"
+    extra = f'[cluster]\nredis_url = "redis://127.0.0.1:1/0"\n'
+    text = toml([("a", f.sim("a").url, [])], extra).replace("[gateway]\n", f'[gateway]\nrecord = "{record}"\n', 1)
+    path.write_text(text)
+
+    status, report = await reload(f)
+
+    assert status == 200, report
+    assert sorted(report["restart_needed"]) == ["cluster", "gateway.record"]
+    assert f.engine.settings.cluster.redis_url.get_secret_value() == ""  # still one gateway, no Redis
+    assert f.engine.settings.gateway.record == ""
+    assert f.engine.recorder is None
+
+
 async def test_a_request_queued_for_a_load_survives_a_reload(fleet: FleetFactory, tmp_path: Path) -> None:
     f = await fleet(NodeSpec("a", [SimModel("m1", 1000), SimModel("m3", 1000, loaded=False)], load_s=0.6))
     path = tmp_path / "cortex.toml"
