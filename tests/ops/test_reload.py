@@ -248,7 +248,7 @@ async def test_cluster_and_record_changes_wait_for_a_restart(fleet: FleetFactory
     path = tmp_path / "cortex.toml"
     reloader(f, path)
     record = tmp_path / "trace.jsonl"
-    extra = f'[cluster]\nredis_url = "redis://127.0.0.1:1/0"\n'
+    extra = '[cluster]\nredis_url = "redis://127.0.0.1:1/0"\n'
     text = toml([("a", f.sim("a").url, [])], extra).replace("[gateway]\n", f'[gateway]\nrecord = "{record}"\n', 1)
     path.write_text(text)
 
