@@ -186,19 +186,25 @@ async def test_a_quiet_tick_touches_no_cell(monkeypatch: pytest.MonkeyPatch, eng
         monkeypatch.setattr(FleetTable, "update_cell", counting_update)
         monkeypatch.setattr(FleetTable, "add_row", counting_add)
         monkeypatch.setattr(RequestLog, "_paint_row", counting_paint)
+        tables = app.dashboard.tables
+        renders = {name: table.renders for name, table in tables.items()}
         for _ in range(3):
             app.refresh_views()
         await pilot.pause()
         assert updates == []
         assert adds == []
         assert paints == []
+        assert {name: table.renders for name, table in tables.items()} == renders  # no row formatted again
         models = list(engine.fleet.models)
         models[0] = replace(models[0], in_flight=5)
         requests = (replace(engine.fleet.requests[0], ts=NOW + 0.5), *engine.fleet.requests)
         engine.fleet = replace(engine.fleet, models=tuple(models), requests=requests)
         app.refresh_views()
         await pilot.pause()
-        assert updates == [("models", "in_flight")]
+        assert updates == []  # cells are placeholders: the changed row is formatted again, and only it
+        assert adds == []
+        assert {name: table.renders - renders[name] for name, table in tables.items()} == {"nodes": 0, "models": 1}
+        assert tables["models"].cell_text(tables["models"].keys.index(models[0].id), "in_flight") == "5"
         assert paints == []  # the request log moves at most once a second
         rows_before = app.dashboard.requests.row_count
         app.clock = lambda: NOW + 1.0

@@ -1,11 +1,14 @@
-"""A DataTable that is fed whole row lists and changes only the rows and cells that differ.
+"""A DataTable of thousands of rows that formats only the rows on screen and redraws only what changed.
 
-The console redraws several times a second in the loop that also streams tokens, and every DataTable
-change makes it re-render its visible cells, so a redraw must change as little as possible:
-:meth:`FleetTable.sync` matches rows by identity (node name, model id), removes the gone, adds the new,
-calls ``update_cell`` only where a cell differs and re-sorts only when the order changed. The cursor
-follows the selected row's identity. (The request log, whose rows are mostly new at every redraw, is not a
-DataTable: :mod:`cortex.tui.widgets.request_log`.)
+The console redraws several times a second in the loop that also streams tokens, and a catalogue of 64
+nodes x 32 models is 2,048 rows of which a terminal shows about forty. :meth:`FleetTable.sync` takes each
+row as its identity (node name, model id) and an *item*, the unformatted value the row is made from, plus
+the function that formats an item into cells. The table keeps the full ordered list of keys and items;
+its cells are placeholders that format their row when the DataTable paints it, so only the rows on
+screen are ever formatted, and each again only when its item changed (a per-row render cached by the
+item's value). Rows are added, removed and re-sorted only when the set or the order of keys changed; the
+cursor follows the selected row's identity. (The request log, whose rows are mostly new at every redraw,
+is not a DataTable: :mod:`cortex.tui.widgets.request_log`.)
 
 Cells arrive as toned runs (:mod:`cortex.tui.render`). They are styled lazily, at paint time, through the
 ``tone--*`` component classes, so a theme change restyles every cell without a resync, and
@@ -15,6 +18,7 @@ Cells arrive as toned runs (:mod:`cortex.tui.render`). They are styled lazily, a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from rich.cells import cell_len, set_cell_size
 from rich.console import Console, ConsoleOptions
@@ -25,7 +29,7 @@ from textual import events
 from textual.widget import Widget
 from textual.widgets import DataTable
 
-from cortex.tui.render import Cell, ColumnSpec, Row
+from cortex.tui.render import Cell, ColumnSpec
 
 __all__ = ["TONES", "FleetTable", "ToneStyles", "ToneText", "column_widths", "paint"]
 
@@ -122,18 +126,23 @@ class ToneStyles:
 
 
 class ToneText:
-    """One cell: toned runs rendered by its table with the current theme."""
+    """One cell: a placeholder that takes its toned runs from its row's render when the table paints it."""
 
-    __slots__ = ("_table", "right", "row_key", "spans", "trim")
+    __slots__ = ("_table", "column", "right", "row_key", "trim")
 
     def __init__(
-        self, table: FleetTable, row_key: str, spans: Cell, *, right: bool = False, trim: bool = False
+        self, table: FleetTable, row_key: str, column: int, *, right: bool = False, trim: bool = False
     ) -> None:
         self._table = table
         self.row_key = row_key
-        self.spans = spans
+        self.column = column
         self.right = right
         self.trim = trim
+
+    @property
+    def spans(self) -> Cell:
+        """The cell's toned runs (its row is formatted now if its item changed since the last time)."""
+        return self._table.row_cells(self.row_key)[self.column]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> list[Segment]:
         return self._table.segments(self.spans, options.max_width, right=self.right, trim=self.trim)
@@ -142,11 +151,23 @@ class ToneText:
         return "".join(text for text, _ in self.spans)
 
 
+def _as_cells(item: Any) -> tuple[Cell, ...]:
+    """The render of rows given already formatted."""
+    cells: tuple[Cell, ...] = item
+    return cells
+
+
+REBUILD_AT = 32
+"""Removing more rows than this (or than half of them) clears the table and adds the rest back:
+``DataTable.remove_row`` costs a pass over every row, an add does not."""
+
+
 class FleetTable(DataTable[ToneText]):
     """A row-cursor table whose columns share the width by content (see :func:`column_widths`).
 
-    Column widths follow the widest content seen since the last resize and only grow in between, so a
-    figure that flickers between three and four digits never re-lays the table out at every redraw.
+    Column widths follow the widest content formatted since the last resize (rows given formatted: every
+    row; rows given as items: the rows formatted, those on screen and near it) and only grow in between,
+    so a figure that flickers between three and four digits never re-lays the table out at every redraw.
     """
 
     COMPONENT_CLASSES = {f"tone--{tone}" for tone in TONES}
@@ -162,7 +183,18 @@ class FleetTable(DataTable[ToneText]):
             cursor_foreground_priority="renderable",  # a red "down" stays red under the cursor
         )
         self._specs = tuple(columns)
-        self._rows: list[Row] = []
+        self._keys: list[str] = []
+        """The identity of each row, in display order."""
+        self._items: dict[str, object] = {}
+        """Each row's item (what its cells are formatted from)."""
+        self._render: Callable[[Any], tuple[Cell, ...]] = _as_cells
+        self._eager = True
+        """Rows were given formatted: widths are measured on every row that changed."""
+        self._rendered: dict[str, tuple[object, tuple[Cell, ...]]] = {}
+        """Each formatted row's cells and the item they were formatted from."""
+        self.renders = 0
+        """Rows formatted so far (rows given formatted are not counted): what a redraw costs, for tests."""
+        self._relayout_due = False
         self._flex_width = -1
         self._natural = [cell_len(spec.label) for spec in self._specs]
         """Each column's widest content since the last resize (labels included)."""
@@ -173,19 +205,35 @@ class FleetTable(DataTable[ToneText]):
     @property
     def keys(self) -> list[str]:
         """The identity of each row, in display order."""
-        return [key for key, _ in self._rows]
+        return list(self._keys)
 
     @property
     def selected_key(self) -> str | None:
         """The identity of the row under the cursor."""
-        if not self._rows:
+        if not self._keys:
             return None
-        return self._rows[min(self.cursor_row, len(self._rows) - 1)][0]
+        return self._keys[min(self.cursor_row, len(self._keys) - 1)]
 
     def cell_text(self, row: int, column: str) -> str:
         """The plain text shown in a cell (for tests and the detail screen)."""
         index = [spec.key for spec in self._specs].index(column)
-        return "".join(text for text, _ in self._rows[row][1][index])
+        return "".join(text for text, _ in self.row_cells(self._keys[row])[index])
+
+    def row_cells(self, key: str) -> tuple[Cell, ...]:
+        """A row's cells, formatted from its item unless the last render was of an equal item."""
+        item = self._items[key]
+        hit = self._rendered.get(key)
+        if hit is not None and (hit[0] is item or hit[0] == item):
+            return hit[1]
+        cells = self._render(item)
+        self._rendered[key] = (item, cells)
+        if not self._eager:
+            self.renders += 1
+            if self._grow((cells,)) and not self._relayout_due:
+                # Painting a row scrolled into view found wider content: widen the columns after this frame.
+                self._relayout_due = True
+                self.call_later(self._apply_widths)
+        return cells
 
     def segments(self, spans: Cell, width: int, *, right: bool = False, trim: bool = False) -> list[Segment]:
         """A cell's toned runs painted ``width`` cells wide (see :func:`paint`)."""
@@ -196,50 +244,78 @@ class FleetTable(DataTable[ToneText]):
         """The columns' widths in cells, gaps included (for tests)."""
         return self._widths
 
-    def sync(self, rows: Sequence[Row]) -> None:
-        """Show these rows (unique keys, in this order), touching only what changed."""
-        if not self.columns:
-            self._rows = list(rows)
-            return
-        shown = dict(self._rows)
-        if self._grow([row for row in rows if shown.get(row[0]) != row[1]]):  # only new or changed rows
-            selected = self.selected_key
-            self._rows = list(rows)
-            self._build(self._flex_width)  # the content outgrew the layout: lay the columns out again
-            keys = self.keys
-            if selected in keys and self.show_cursor:
-                self.move_cursor(row=keys.index(selected), animate=False)
-            return
-        selected = self.selected_key
-        old = dict(self._rows)
-        wanted = [key for key, _ in rows]
-        if len(old.keys() - set(wanted)) * 2 > max(len(old), 1):
-            # Mostly new rows (a filter typed or cleared): one rebuild costs less than a remove and an add each.
-            self.clear()
-            for key, cells in rows:
-                self.add_row(*self._cells(key, cells), key=key)
-            self._rows = list(rows)
-            self._restore(selected, old, wanted)
-            return
-        for key in old.keys() - set(wanted):
-            self.remove_row(key)
-        for key, cells in rows:
-            before = old.get(key)
-            if before is None:
-                self.add_row(*self._cells(key, cells), key=key)
-                continue
-            for spec, was, now in zip(self._specs, before, cells, strict=True):
-                if was != now:
-                    self.update_cell(key, spec.key, ToneText(self, key, now, right=spec.right))
-        self._rows = list(rows)
-        if [row.key.value for row in self.ordered_rows] != wanted:
-            order = {key: index for index, key in enumerate(wanted)}
-            self.sort(self._specs[0].key, key=lambda cell: order[cell.row_key])
-        self._restore(selected, old, wanted)
+    def sync(self, rows: Sequence[tuple[str, Any]], render: Callable[[Any], tuple[Cell, ...]] | None = None) -> None:
+        """Show these rows (unique keys, in this order), touching only what changed.
 
-    def _restore(self, selected: str | None, old: dict[str, tuple[Cell, ...]], wanted: list[str]) -> None:
+        Args:
+            rows: each row's key and either its cells (``render`` None) or its item.
+            render: formats an item into the row's cells; called only for rows painted (or measured
+                near the screen), and again only when the row's item no longer compares equal.
+        """
+        wanted = [key for key, _ in rows]
+        items = dict(rows)
+        old_keys, old_items = self._keys, self._items
+        eager = render is None
+        if eager != self._eager or (render is not None and render is not self._render):
+            self._rendered = {}
+        self._render = _as_cells if render is None else render
+        self._eager = eager
+        selected = self.selected_key
+        self._keys, self._items = wanted, items
+        if len(self._rendered) > len(items):
+            self._rendered = {key: hit for key, hit in self._rendered.items() if key in items}
+        if not self.columns:
+            return
+        changed = items != old_items
+        if changed:
+            if eager:
+                grown = self._grow([cells for key, cells in rows if old_items.get(key) != cells])
+            else:
+                grown = self._grow([self.row_cells(key) for key in self._near(wanted, selected)])
+            if grown:
+                self._apply_widths()
+        new = items.keys() - old_items.keys()
+        gone = old_items.keys() - items.keys()
+        if len(gone) > REBUILD_AT or len(gone) * 2 > max(len(old_keys), 1):
+            # Mostly other rows (a filter typed or cleared): one rebuild costs less than a removal each.
+            self.clear()
+            for key in wanted:
+                self.add_row(*self._cells(key), key=key)
+        else:
+            for key in gone:
+                self.remove_row(key)
+            for key in wanted:
+                if key in new:
+                    self.add_row(*self._cells(key), key=key)
+            if [row.key.value for row in self.ordered_rows] != wanted:
+                order = {key: index for index, key in enumerate(wanted)}
+                self.sort(self._specs[0].key, key=lambda cell: order[cell.row_key])
+        if changed:
+            self._invalidate()
+        self._restore(selected, old_items, wanted)
+
+    def _near(self, keys: list[str], selected: str | None) -> list[str]:
+        """The keys of the rows on screen and a screen either side (where the cursor will be, too)."""
+        height = max(self.size.height, 1)
+        top = int(self.scroll_offset.y)
+        spans = [(top - height, top + 2 * height)]
+        if selected in self._items:
+            at = keys.index(selected)
+            spans.append((at - height, at + height))
+        near: dict[str, None] = {}
+        for start, stop in spans:
+            near.update(dict.fromkeys(keys[max(0, start) : max(0, stop)]))
+        return list(near)
+
+    def _invalidate(self) -> None:
+        """Items changed: forget the DataTable's rendered lines and repaint (only the rows on screen)."""
+        self._update_count += 1
+        self._clear_caches()
+        self.refresh()
+
+    def _restore(self, selected: str | None, old: dict[str, object], wanted: list[str]) -> None:
         """Keep the cursor on the row it was on, wherever that row went."""
-        if selected is not None and selected in old and selected in wanted and self.show_cursor:
+        if selected is not None and selected in old and selected in self._items and self.show_cursor:
             index = wanted.index(selected)
             if index != self.cursor_row:
                 self.move_cursor(row=index, animate=False)
@@ -248,21 +324,32 @@ class FleetTable(DataTable[ToneText]):
         self._tones.clear()
         super().notify_style_update()
 
-    def _cells(self, key: str, cells: tuple[Cell, ...]) -> list[ToneText]:
-        return [
-            ToneText(self, key, c, right=spec.right, trim=spec.trim) for spec, c in zip(self._specs, cells, strict=True)
-        ]
+    def _cells(self, key: str) -> list[ToneText]:
+        return [ToneText(self, key, i, right=spec.right, trim=spec.trim) for i, spec in enumerate(self._specs)]
 
-    def _grow(self, rows: Sequence[Row]) -> bool:
-        """Widen the content widths for these rows; True when the column widths change with them."""
+    def _grow(self, rows: Sequence[tuple[Cell, ...]]) -> bool:
+        """Widen the content widths for these rows' cells; True when the column widths change with them."""
         natural = list(self._natural)
-        for _, cells in rows:
+        for cells in rows:
             for i, spans in enumerate(cells):
                 natural[i] = max(natural[i], sum(cell_len(run) for run, _ in spans))
         if natural == self._natural:
             return False
         self._natural = natural
         return column_widths(self._specs, self._flex_width, natural) != self._widths
+
+    def _apply_widths(self) -> None:
+        """Lay the columns out again for the content widths, in place (the rows stay)."""
+        self._relayout_due = False
+        widths = column_widths(self._specs, self._flex_width, self._natural)
+        if widths == self._widths or len(self.columns) != len(widths):
+            return
+        self._widths = widths
+        for column, cols in zip(self.ordered_columns, widths, strict=True):
+            column.width = cols
+        self._invalidate()
+        self._update_dimensions(())
+        self.refresh(layout=True)
 
     def _build(self, width: int) -> None:
         self._flex_width = width
@@ -271,18 +358,24 @@ class FleetTable(DataTable[ToneText]):
         for spec, cols in zip(self._specs, self._widths, strict=True):
             label = Text(" " + spec.label, justify="right" if spec.right else "left", no_wrap=True)
             self.add_column(label, width=cols, key=spec.key)
-        rows, self._rows = self._rows, []
-        self.sync(rows)
+        for key in self._keys:
+            self.add_row(*self._cells(key), key=key)
+
+    def _measure_all(self) -> None:
+        """Content widths from scratch: every row given formatted, else the rows near the screen."""
+        self._natural = [cell_len(spec.label) for spec in self._specs]
+        keys = self._keys if self._eager else self._near(self._keys, self.selected_key)
+        self._grow([self.row_cells(key) for key in keys])
 
     def on_mount(self) -> None:
+        self._measure_all()
         self._build(max(0, self.size.width - 2))
 
     def on_resize(self, event: events.Resize) -> None:
         width = max(0, event.size.width - 2)
         if width != self._flex_width:
             cursor = self.cursor_row
-            self._natural = [cell_len(spec.label) for spec in self._specs]
-            self._grow(self._rows)
+            self._measure_all()
             self._build(width)
             if self.row_count:
                 self.move_cursor(row=min(cursor, self.row_count - 1), animate=False)
