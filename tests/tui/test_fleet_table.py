@@ -6,7 +6,7 @@ import random
 
 from textual.app import App, ComposeResult
 
-from cortex.tui.render import ColumnSpec, cell
+from cortex.tui.render import Cell, ColumnSpec, cell
 from cortex.tui.widgets.fleet_table import FleetTable, column_widths
 
 COLUMNS = (ColumnSpec("name", "name", 5), ColumnSpec("value", "value", 5, flex=True, right=True))
@@ -105,3 +105,73 @@ async def test_the_columns_widen_to_new_content_and_keep_the_cursor() -> None:
         assert table.widths == (13, 6)
         assert table.selected_key == "c"
         assert table.cell_text(2, "name") == "c" * 12
+
+
+async def test_of_2048_rows_only_those_near_the_screen_are_formatted_and_scrolling_formats_the_rest() -> None:
+    app = TableApp()
+    formatted: list[str] = []
+
+    def render(item: tuple[str, int]) -> tuple[Cell, ...]:
+        formatted.append(item[0])
+        return (cell(item[0]), cell(str(item[1])))
+
+    keys = [f"m{i:04d}" for i in range(2048)]
+    async with app.run_test(size=(40, 20)) as pilot:
+        table = app.query_one(FleetTable)
+        table.sync([(key, (key, 0)) for key in keys], render)
+        await pilot.pause()
+        assert table.row_count == 2048
+        first = set(formatted)
+        assert 0 < len(first) <= 3 * table.size.height  # the screen and its neighbourhood, not 2,048 rows
+        assert keys[0] in first
+        assert keys[-1] not in first
+        # Every figure moves: only the rows near the screen are formatted again.
+        formatted.clear()
+        table.sync([(key, (key, 1)) for key in keys], render)
+        await pilot.pause()
+        assert 0 < len(formatted) <= 3 * table.size.height
+        assert table.cell_text(0, "value") == "1"
+        # Nothing moved: nothing formatted, nothing repainted from scratch.
+        formatted.clear()
+        table.sync([(key, (key, 1)) for key in keys], render)
+        await pilot.pause()
+        assert formatted == []
+        # The cursor goes to the far end: those rows are formatted when painted, and they show.
+        table.move_cursor(row=2000, animate=False)
+        await pilot.pause()
+        assert table.selected_key == keys[2000]
+        assert keys[2000] in formatted
+        assert keys[0] not in formatted
+        assert keys[2000] in app.export_screenshot()
+        await pilot.press("down", "down")
+        assert table.selected_key == keys[2002]
+
+
+async def test_of_2048_rows_the_cursor_follows_its_row_through_a_resort_and_a_filter_narrows_the_rows() -> None:
+    app = TableApp()
+    keys = [f"m{i:04d}" for i in range(2048)]
+
+    def render(item: tuple[str, int]) -> tuple[Cell, ...]:
+        return (cell(item[0]), cell(str(item[1]), "success"))
+
+    async with app.run_test(size=(40, 20)) as pilot:
+        table = app.query_one(FleetTable)
+        table.sync([(key, (key, 0)) for key in keys], render)
+        await pilot.pause()
+        table.move_cursor(row=10, animate=False)
+        table.sync([(key, (key, 0)) for key in reversed(keys)], render)
+        assert table.keys == keys[::-1]
+        assert [row.key.value for row in table.ordered_rows] == keys[::-1]
+        assert table.selected_key == keys[10]
+        assert table.cursor_row == 2037
+        narrowed = [key for key in keys if key.endswith("7")]
+        table.sync([(key, (key, 2)) for key in narrowed], render)
+        await pilot.pause()
+        assert table.row_count == len(narrowed) == 205
+        assert [row.key.value for row in table.ordered_rows] == narrowed
+        assert table.cell_text(len(narrowed) - 1, "value") == "2"
+        table.sync([(key, (key, 3)) for key in keys], render)  # the filter cleared: every row is back
+        await pilot.pause()
+        assert table.row_count == 2048
+        assert table.keys == keys
+        assert table.cell_text(2047, "name") == keys[-1]

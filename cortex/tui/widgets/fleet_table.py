@@ -26,6 +26,7 @@ from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual import events
+from textual.cache import LRUCache
 from textual.widget import Widget
 from textual.widgets import DataTable
 
@@ -187,7 +188,7 @@ class FleetTable(DataTable[ToneText]):
         """The identity of each row, in display order."""
         self._items: dict[str, object] = {}
         """Each row's item (what its cells are formatted from)."""
-        self._render: Callable[[Any], tuple[Cell, ...]] = _as_cells
+        self._format: Callable[[Any], tuple[Cell, ...]] = _as_cells
         self._eager = True
         """Rows were given formatted: widths are measured on every row that changed."""
         self._rendered: dict[str, tuple[object, tuple[Cell, ...]]] = {}
@@ -201,6 +202,8 @@ class FleetTable(DataTable[ToneText]):
         self._widths: tuple[int, ...] = ()
         """The column widths in use."""
         self._tones = ToneStyles(self)
+        self._painted: LRUCache[tuple[object, ...], list[list[Segment]]] = LRUCache(4096)
+        """Painted data cells by value and place (see :meth:`_render_cell`)."""
 
     @property
     def keys(self) -> list[str]:
@@ -225,7 +228,7 @@ class FleetTable(DataTable[ToneText]):
         hit = self._rendered.get(key)
         if hit is not None and (hit[0] is item or hit[0] == item):
             return hit[1]
-        cells = self._render(item)
+        cells = self._format(item)
         self._rendered[key] = (item, cells)
         if not self._eager:
             self.renders += 1
@@ -256,9 +259,9 @@ class FleetTable(DataTable[ToneText]):
         items = dict(rows)
         old_keys, old_items = self._keys, self._items
         eager = render is None
-        if eager != self._eager or (render is not None and render is not self._render):
+        if eager != self._eager or (render is not None and render is not self._format):
             self._rendered = {}
-        self._render = _as_cells if render is None else render
+        self._format = _as_cells if render is None else render
         self._eager = eager
         selected = self.selected_key
         self._keys, self._items = wanted, items
@@ -320,8 +323,48 @@ class FleetTable(DataTable[ToneText]):
             if index != self.cursor_row:
                 self.move_cursor(row=index, animate=False)
 
+    def _render_cell(
+        self,
+        row_index: int,
+        column_index: int,
+        base_style: Style,
+        width: int,
+        cursor: bool = False,
+        hover: bool = False,
+    ) -> list[list[Segment]]:
+        """A data cell's painted lines, kept by the cell's value: a changed row repaints only its changed cells.
+
+        The DataTable keys its own cache by a counter that every change bumps, so once any row changed
+        it would repaint every cell on screen through Rich; here a cell whose runs, width, place and
+        highlight are what they were gets its lines back as they were painted.
+        """
+        if row_index < 0 or column_index < 0:
+            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        key = self._row_locations.get_key(row_index)
+        if key is None:
+            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        spans = self.row_cells(key.value or "")[column_index]
+        cache_key = (
+            spans,
+            row_index,
+            column_index,
+            base_style,
+            width,
+            cursor,
+            hover,
+            self.show_cursor,
+            self._show_hover_cursor,
+            self._pseudo_class_state,
+        )
+        lines = self._painted.get(cache_key)
+        if lines is None:
+            lines = super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+            self._painted.set(cache_key, lines)
+        return lines
+
     def notify_style_update(self) -> None:
         self._tones.clear()
+        self._painted.clear()
         super().notify_style_update()
 
     def _cells(self, key: str) -> list[ToneText]:
