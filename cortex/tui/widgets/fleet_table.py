@@ -17,7 +17,7 @@ Cells arrive as toned runs (:mod:`cortex.tui.render`). They are styled lazily, a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from rich.cells import cell_len, set_cell_size
@@ -27,8 +27,11 @@ from rich.style import Style
 from rich.text import Text
 from textual import events
 from textual.cache import LRUCache
+from textual.geometry import Size
 from textual.widget import Widget
 from textual.widgets import DataTable
+from textual.widgets.data_table import DuplicateKey, RowKey
+from textual.widgets.data_table import Row as DataRow
 
 from cortex.tui.render import Cell, ColumnSpec
 
@@ -282,20 +285,53 @@ class FleetTable(DataTable[ToneText]):
         if len(gone) > REBUILD_AT or len(gone) * 2 > max(len(old_keys), 1):
             # Mostly other rows (a filter typed or cleared): one rebuild costs less than a removal each.
             self.clear()
-            for key in wanted:
-                self.add_row(*self._cells(key), key=key)
+            self._append_rows(wanted)
         else:
             for key in gone:
                 self.remove_row(key)
-            for key in wanted:
-                if key in new:
-                    self.add_row(*self._cells(key), key=key)
+            self._append_rows([key for key in wanted if key in new])
             if [row.key.value for row in self.ordered_rows] != wanted:
                 order = {key: index for index, key in enumerate(wanted)}
                 self.sort(self._specs[0].key, key=lambda cell: order[cell.row_key])
         if changed:
             self._invalidate()
         self._restore(selected, old_items, wanted)
+
+    def _append_rows(self, keys: Sequence[str]) -> None:
+        """Add rows at the bottom, all at once.
+
+        What ``DataTable.add_row`` does for each row, less the per-row cursor revalidation and idle check
+        (a cleared filter brings back 2,048 rows): the cells are placeholders, one line high, in columns
+        of set widths, so there is nothing to measure either (see :meth:`_update_dimensions`).
+        """
+        if not keys:
+            return
+        columns = [column.key for column in self.ordered_columns]
+        start = len(self.rows)
+        for offset, key in enumerate(keys):
+            row_key = RowKey(key)
+            if row_key in self._row_locations:
+                raise DuplicateKey(f"The row key {row_key!r} already exists.")
+            self._row_locations[row_key] = start + offset
+            self._data[row_key] = dict(zip(columns, self._cells(key), strict=True))
+            self.rows[row_key] = DataRow(row_key, 1)
+        self._require_update_dimensions = True
+        self.cursor_coordinate = self.cursor_coordinate
+        if start == 0 and self.columns and self.show_cursor and self.cursor_type != "none":
+            self._highlight_cursor()  # a cursor where there was no row to put it: announce it, as add_row does
+        self._update_count += 1
+        self.check_idle()
+
+    def _update_dimensions(self, new_rows: Iterable[RowKey]) -> None:
+        """The scrollable size, without measuring the new rows' cells.
+
+        ``DataTable`` measures every cell of every new row to widen auto-width columns and size auto-height
+        rows; a fleet table has neither (its widths come from :func:`column_widths`), and measuring 2,048
+        rows would format them all.
+        """
+        width = sum(column.get_render_width(self) for column in self.columns.values())
+        header = self.header_height if self.show_header else 0
+        self.virtual_size = Size(width + self._row_label_column_width, self._total_row_height + header)
 
     def _near(self, keys: list[str], selected: str | None) -> list[str]:
         """The keys of the rows on screen and a screen either side (where the cursor will be, too)."""
@@ -401,8 +437,7 @@ class FleetTable(DataTable[ToneText]):
         for spec, cols in zip(self._specs, self._widths, strict=True):
             label = Text(" " + spec.label, justify="right" if spec.right else "left", no_wrap=True)
             self.add_column(label, width=cols, key=spec.key)
-        for key in self._keys:
-            self.add_row(*self._cells(key), key=key)
+        self._append_rows(self._keys)
 
     def _measure_all(self) -> None:
         """Content widths from scratch: every row given formatted, else the rows near the screen."""
