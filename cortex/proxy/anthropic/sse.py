@@ -11,13 +11,16 @@ calls, so it can be fed whatever the socket delivers.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from json.encoder import encode_basestring
 from typing import Any, Final
 
 __all__ = ["DONE", "SSEDecoder", "encode_event", "encode_sse", "parse_data"]
 
 DONE: Final = "[DONE]"
 """What :func:`parse_data` returns for the ``data: [DONE]`` end marker."""
+
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def encode_sse(event_name: str, data: Mapping[str, Any]) -> bytes:
@@ -26,9 +29,36 @@ def encode_sse(event_name: str, data: Mapping[str, Any]) -> bytes:
     return f"event: {event_name}\ndata: {payload}\n\n".encode()
 
 
+_DELTA_FIELDS: Final = {"text_delta": "text", "thinking_delta": "thinking"}
+_DELTA_KEYS: Final = ("type", "index", "delta")
+_DELTA_HEAD: Final = (
+    'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":{"type":"%s","%s":'
+)
+_PING: Final = encode_sse("ping", {"type": "ping"})
+
+
 def encode_event(event: Mapping[str, Any]) -> bytes:
-    """Encode an Anthropic event, whose ``type`` is its event name."""
-    return encode_sse(event["type"], event)
+    """Encode an Anthropic event, whose ``type`` is its event name.
+
+    Nearly every event of a stream is a text or thinking delta, one per upstream chunk: those (and pings)
+    are written from a template around the string encoder ``json.dumps`` itself uses, byte for byte what
+    :func:`encode_sse` writes, at a tenth of its cost. Anything of another shape goes through
+    :func:`encode_sse`.
+    """
+    kind = event["type"]
+    if kind == "content_block_delta" and len(event) == 3:
+        delta = event["delta"]
+        index = event.get("index")
+        if type(index) is int and isinstance(delta, dict) and len(delta) == 2:
+            delta_type = delta.get("type")
+            field = _DELTA_FIELDS.get(delta_type) if isinstance(delta_type, str) else None
+            if field is not None:
+                text = delta.get(field)
+                if type(text) is str and tuple(event) == _DELTA_KEYS and next(iter(delta)) == "type":
+                    return (_DELTA_HEAD % (index, delta_type, field) + encode_basestring(text) + "}}\n\n").encode()
+    elif kind == "ping" and len(event) == 1:
+        return _PING
+    return encode_sse(kind, event)
 
 
 class SSEDecoder:
@@ -106,8 +136,12 @@ def parse_data(event: str | None, data: str) -> Mapping[str, Any] | str | None:
         return DONE
     if not data:
         return None
+    # ``json.loads`` less its wrappers: ``data`` is stripped already, so the value must start at 0 and
+    # end at the last character (what ``loads`` checks with its whitespace matches around the scan).
     try:
-        value = json.loads(data)
-    except ValueError:
+        value, end = _scan(data, 0)
+    except (StopIteration, ValueError):
+        return None
+    if end != len(data):
         return None
     return value if isinstance(value, Mapping) else None

@@ -1,0 +1,114 @@
+"""The SSE fast paths write and read exactly what the general ones do (issue 18: translator CPU per chunk).
+
+``encode_event`` writes text and thinking deltas and pings from a template, and ``parse_data`` calls the
+JSON scanner without ``json.loads``'s wrappers; both must agree with the plain ``json.dumps``/``json.loads``
+forms on every input, including the shapes the fast paths must refuse.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cortex.proxy.anthropic import DONE, encode_event, encode_sse, parse_data
+
+ANY_CHAR = st.characters(codec=None, exclude_categories=())
+"""Every code point, lone surrogates and control characters included."""
+TEXT = st.text(ANY_CHAR, max_size=40)
+
+
+def _general(event: Mapping[str, Any]) -> bytes | type[Exception]:
+    """The general encoder's bytes, or the type of its failure (the fast path must fail alike)."""
+    try:
+        return encode_sse(event["type"], event)
+    except Exception as exc:
+        return type(exc)
+
+
+def _fast(event: Mapping[str, Any]) -> bytes | type[Exception]:
+    try:
+        return encode_event(event)
+    except Exception as exc:
+        return type(exc)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    kind=st.sampled_from(["text_delta", "thinking_delta", "input_json_delta", "signature_delta"]),
+    field=st.sampled_from(["text", "thinking", "partial_json"]),
+    index=st.one_of(st.integers(), st.booleans(), st.floats(allow_nan=False), st.none(), TEXT),
+    text=st.one_of(TEXT, st.integers(), st.none()),
+    extra=st.booleans(),
+    swap=st.booleans(),
+)
+def test_delta_events_encode_as_json_dumps_does(
+    kind: str, field: str, index: object, text: object, extra: bool, swap: bool
+) -> None:
+    delta: dict[str, Any] = {field: text, "type": kind} if swap else {"type": kind, field: text}
+    event: dict[str, Any] = {"type": "content_block_delta", "index": index, "delta": delta}
+    if extra:
+        event["extra"] = 1
+    assert _fast(event) == _general(event)
+    reordered = {"index": index, "type": "content_block_delta", "delta": delta}
+    assert _fast(reordered) == _general(reordered)
+
+
+def test_the_common_events_take_the_template_and_match() -> None:
+    for event in (
+        {"type": "ping"},
+        {"type": "ping", "x": 1},
+        {"type": "content_block_delta", "index": 3, "delta": {"type": "text_delta", "text": 'a"\\\n\x00\x7f é 🙂'}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": ""}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{}"}},
+        {"type": "message_stop"},
+    ):
+        assert encode_event(event) == _general(event)
+    assert encode_event({"type": "ping"}).startswith(b"event: ping\ndata: ")
+
+
+def _reference(event: str | None, data: str) -> Mapping[str, Any] | str | None:
+    """``parse_data`` as it was, with ``json.loads``."""
+    if event not in (None, "message"):
+        return None
+    data = data.strip()
+    if data == DONE:
+        return DONE
+    if not data:
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, Mapping) else None
+
+
+JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), TEXT),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    value=JSON,
+    before=st.sampled_from(["", " ", "\t", "\n", "\r\n", "\u00a0", "\ufeff", "x", "[DONE]"]),
+    after=st.sampled_from(["", " ", "\n", "\u2028", "x", "}", "{}", " 1", "[DONE]"]),
+    indent=st.sampled_from([None, 1]),
+    event=st.sampled_from([None, "message", "progress"]),
+)
+def test_parse_data_reads_what_json_loads_reads(
+    value: object, before: str, after: str, indent: int | None, event: str | None
+) -> None:
+    data = before + json.dumps(value, indent=indent, ensure_ascii=False) + after
+    assert parse_data(event, data) == _reference(event, data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.text(st.sampled_from('{}[]":,0123456789.eE+-truefalsn \t\r\n\\u\ud800é'), max_size=30))
+def test_parse_data_refuses_what_json_loads_refuses(data: str) -> None:
+    assert parse_data(None, data) == _reference(None, data)
