@@ -80,10 +80,6 @@ class NodeRec:
         self.cycles = 0
         self.server_created: int | None = None
         """The ``created`` stamp of the node's model list: its server's start time. A new one is a restart."""
-        self.switched_at = 0.0
-        """Wall time the last load that evicted something began here (turns are spaced by a quantum)."""
-        self.switching: set[str] = set()
-        """Models being loaded here after evicting others (a switch of turns under contention)."""
         self.actions = 0
         """Loads and unloads cortex has started on this node (a load that saw this unchanged ran alone)."""
         self.load_floor: dict[str, int] = {}

@@ -37,7 +37,6 @@ from cortex.engine.placement import (
     ModelStats,
     Placement,
     evictable,
-    model_miss_cost,
     place,
     select_victims,
     victim_order,
@@ -55,8 +54,8 @@ log = logging.getLogger(__name__)
 WARM_CONNECTIONS_MAX = 128
 """The most idle connections held open to a loading node for its waiting requests."""
 
-QUANTUM_LOADS = 1.8
-"""A model loaded for waiting requests is protected for this many of its own load times while it serves them."""
+QUANTUM_LOADS = 1.4
+"""Under contention, a model waits this many of its own load times before it may evict a model in use."""
 
 OOM_RETRIES = 3
 """After an out-of-memory answer, evict the next victim and retry the load at most this many times per node."""
@@ -178,13 +177,15 @@ class _ModelQueue:
     the last of them leave within milliseconds of ``loaded`` (``bench/cold_load.py``).
     """
 
-    __slots__ = ("pending", "placer", "waiters")
+    __slots__ = ("pending", "placer", "since", "waiters")
 
     def __init__(self) -> None:
         self.waiters = 0
         self.pending: dict[asyncio.Future[None], None] = {}
         """Waiting requests in arrival order (a dict as an ordered set: released first come, first served)."""
         self.placer: asyncio.Task[Any] | None = None
+        self.since = 0.0
+        """Loop time the queue last became non-empty: when its oldest waiting request (about) arrived."""
 
     def wake(self, error: Exception | None = None) -> None:
         pending, self.pending = self.pending, {}
@@ -292,6 +293,8 @@ class Lifecycle:
             raise QueueFull(f"{queue.waiters} requests already wait for {model}; try again shortly")
         started = _now()
         deadline = started + self.settings.gateway.queue_timeout_s
+        if queue.waiters == 0:
+            queue.since = started
         queue.waiters += 1
         self.fleet.queued[model] = queue.waiters
         self.fleet.touch()
@@ -404,21 +407,24 @@ class Lifecycle:
         """Node → resident models that ``model`` may not evict now: the batching rule.
 
         When demand exceeds VRAM, evicting whatever is idle this instant swaps models on nearly every
-        request: one load per request, and every request waits for one. Instead the models in use take
-        turns. On a node, a model in use (a request within the last quantum) is evicted only when its turn
-        is over: at most one such switch starts per quantum of the newcomer's load time (so loading stays a
-        bounded share of the node's time and each switch serves a batch: the requests that queued for the
-        newcomer meanwhile), and the switch takes the model in use that has been resident longest (turns go
-        round; evicting the least recently used would take the one whose next request comes soonest).
-        Under the ``cost`` strategy the switch takes the model in use that is cheapest to miss instead
-        (:func:`~cortex.engine.placement.miss_cost`). Models nobody uses are not protected by this rule
-        beyond ``min_resident_s``.
+        request: one load per request, and every request waits for one. Instead the models in use (a request
+        within the last quantum) take turns: a model whose requests wait may evict one of them only once its
+        oldest waiting request has waited a quantum (:meth:`quantum_s`, sized from the newcomer's load time),
+        so each switch serves a batch (all that queued meanwhile) and loading stays a bounded share of the
+        time. The switch takes, per node, the model in use that has been resident longest (turns go round;
+        the least recently used would be the one whose next request comes soonest). The evicted model's own
+        requests then wait their quantum in turn, which spaces the switches; several models waiting at once
+        each get their turn after one quantum, not one after another. Under the ``cost`` strategy the switch
+        takes the model in use that is cheapest to miss instead (:func:`~cortex.engine.placement.miss_cost`).
+        Models nobody uses are not protected by this rule beyond ``min_resident_s``.
         """
         quantum = self.quantum_s(model)
         if quantum <= 0:
             return {}
+        queue = self.queues.get(model)
+        if queue is not None and queue.waiters > 0 and _now() - queue.since >= quantum:
+            return {}  # its turn: whatever it needs may go, in the strategy's order (a big model may need two)
         now = self.fleet.clock()
-        stats = self.cost_stats()
         out: dict[str, set[str]] = {}
         for node in self.fleet.nodes.values():
             hot = [
@@ -430,14 +436,7 @@ class Lifecycle:
             ]
             if not hot:
                 continue
-            held = {model_id for _, model_id in hot}
-            if not node.switching and now - node.switched_at >= quantum:
-                if stats is None:
-                    held.discard(min(hot)[1])  # the longest resident's turn is over
-                else:
-                    fp = self.fleet.footprint
-                    held.discard(min(hot, key=lambda h: (model_miss_cost(h[1], fp(h[1]) or 0, stats), h))[1])
-            out[node.name] = held
+            out[node.name] = {model_id for _, model_id in hot}
         return out
 
     def cost_stats(self) -> dict[str, ModelStats] | None:
@@ -521,7 +520,9 @@ class Lifecycle:
                     if shape != told:
                         log.info("%s waits for room: %s", model, why)
                         told = shape
-                    await self._wait_change(1.0)
+                    # re-plan on a change, at least once a second, and the moment its turn comes (its quantum)
+                    turn = queue.since + self.quantum_s(model) - _now()
+                    await self._wait_change(min(1.0, max(0.01, turn)) if turn > 0 else 1.0)
                     continue
                 node = self.fleet.nodes[placement.node]
                 warm = self.spawn(self._warm_connections(node, queue)) if self.upstream is not None else None
@@ -652,9 +653,6 @@ class Lifecycle:
         self.bus.publish(ModelLoading(node.name, model))
         started = _now()
         error: str | None = None
-        if victims:
-            node.switching.add(model)
-            node.switched_at = fleet.clock()
         try:
             error = await self._make_room(node, model, victims, reason)
             retries = 0
@@ -676,7 +674,6 @@ class Lifecycle:
             raise
         finally:
             fleet.loading.pop(model, None)
-            node.switching.discard(model)
         seconds = _now() - started
         if error is None:
             self.metrics.load_done(model, node.name, "ok", seconds)
