@@ -38,6 +38,7 @@ __all__ = [
     "NodeReplyError",
     "UsageTail",
     "clean_request_id",
+    "object_at",
     "read_body",
     "read_error_body",
     "send",
@@ -295,6 +296,25 @@ class IdleWatch:
         self._handle.cancel()
 
 
+def object_at(blob: bytes, start: int) -> dict[str, Any] | None:
+    """The JSON object that begins at ``blob[start]`` (a ``{``), parsed alone, or None.
+
+    Usage objects are flat or nest an object or two (OpenAI's ``*_tokens_details``), so the object ends at one
+    of the next few ``}``: each is tried in turn, which never parses the event around it.
+    """
+    close = blob.find(b"}", start)
+    for _ in range(16):
+        if close < 0:
+            return None
+        try:
+            found = orjson.loads(blob[start : close + 1])
+        except orjson.JSONDecodeError:
+            close = blob.find(b"}", close + 1)
+            continue
+        return found if isinstance(found, dict) else None
+    return None
+
+
 class UsageTail:
     """The last bytes of a stream, so the usage can be found once at the end instead of per chunk.
 
@@ -348,17 +368,7 @@ class UsageTail:
             i += 1
         if i >= n or blob[i] != 0x7B:  # '{'
             return None
-        close = blob.find(b"}", i)
-        for _ in range(16):  # the usage is flat, or nests an object or two (OpenAI's *_tokens_details)
-            if close < 0:
-                return None
-            try:
-                usage = orjson.loads(blob[i : close + 1])
-            except orjson.JSONDecodeError:
-                close = blob.find(b"}", close + 1)
-                continue
-            return usage if isinstance(usage, dict) else None
-        return None
+        return object_at(blob, i)
 
     def identity(self) -> dict[str, Any]:
         """``id``, ``created`` and ``model`` of the stream's last chunk that has them (for a chunk cortex adds)."""

@@ -45,7 +45,7 @@ from cortex.proxy.common import (
     resolve_model,
 )
 from cortex.proxy.errors import openai_error, openai_error_for, read_node_error
-from cortex.proxy.forward import Call, IdleWatch, NodeReplyError, read_body, send, upstream_headers
+from cortex.proxy.forward import Call, IdleWatch, NodeReplyError, object_at, read_body, send, upstream_headers
 
 if TYPE_CHECKING:
     from cortex.engine.engine import Engine
@@ -459,17 +459,7 @@ class StreamScan:
         i = blob.find(b"{", idx)
         if i < 0 or blob[idx + 7 : i].strip() != b":":
             return None
-        close = blob.find(b"}", i)
-        for _ in range(16):  # flat, or one or two nested *_tokens_details objects
-            if close < 0:
-                return None
-            try:
-                usage = orjson.loads(blob[i : close + 1])
-            except orjson.JSONDecodeError:
-                close = blob.find(b"}", close + 1)
-                continue
-            return usage if isinstance(usage, dict) else None
-        return None
+        return object_at(blob, i)
 
 
 async def _pipe(
