@@ -14,7 +14,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cortex.proxy.anthropic import DONE, encode_event, encode_sse, parse_data
+from cortex.proxy.anthropic import DONE, SSEDecoder, encode_event, encode_sse, parse_data
 
 ANY_CHAR = st.characters(codec=None, exclude_categories=())
 """Every code point, lone surrogates and control characters included."""
@@ -112,3 +112,27 @@ def test_parse_data_reads_what_json_loads_reads(
 @given(data=st.text(st.sampled_from('{}[]":,0123456789.eE+-truefalsn \t\r\n\\u\ud800é'), max_size=30))
 def test_parse_data_refuses_what_json_loads_refuses(data: str) -> None:
     assert parse_data(None, data) == _reference(None, data)
+
+
+LINE = st.sampled_from(
+    ["data: {}", "data:{}", "data: [DONE]", "event: ping", "event: message", ": keep-alive", "id: 7", "", "é", "data"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(LINE, max_size=12),
+    ends=st.lists(st.sampled_from(["\n", "\r\n", "\r"]), min_size=12, max_size=12),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=6),
+)
+def test_the_decoder_splits_lines_alike_whatever_the_line_ends_and_the_reads(
+    lines: list[str], ends: list[str], cuts: list[int]
+) -> None:
+    raw = "".join(line + end for line, end in zip(lines, ends, strict=False)).encode()
+    reads = [raw[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(raw)], strict=True)]
+    decoder = SSEDecoder()
+    got = [event for read in reads for event in decoder.feed(read)] + decoder.close()
+    # The same stream with every line end made a LF, in one read: the line ends alone must not matter.
+    reference = SSEDecoder()
+    lf = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    assert got == reference.feed(lf) + reference.close()

@@ -77,6 +77,13 @@ class SSEDecoder:
         """Consume bytes from the upstream; return the events they complete."""
         buffer = self._buffer + raw if self._buffer else raw
         out: list[tuple[str | None, str]] = []
+        if b"\r" not in buffer:
+            # LF line ends only (mistral.rs, and nearly every upstream): one split instead of a search per line.
+            lines = buffer.split(b"\n")
+            self._buffer = lines.pop()
+            for line in lines:
+                self._line(line.decode("utf-8", "replace"), out)
+            return out
         start = 0
         size = len(buffer)
         while start < size:
@@ -144,4 +151,4 @@ def parse_data(event: str | None, data: str) -> Mapping[str, Any] | str | None:
         return None
     if end != len(data):
         return None
-    return value if isinstance(value, Mapping) else None
+    return value if type(value) is dict or isinstance(value, Mapping) else None

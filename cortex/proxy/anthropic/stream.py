@@ -243,7 +243,7 @@ class StreamTranslator:
         if not choices:
             return None
         for choice in choices:
-            if isinstance(choice, Mapping) and choice.get("index", 0) == 0:
+            if (type(choice) is dict or isinstance(choice, Mapping)) and choice.get("index", 0) == 0:
                 return choice
         return None
 
