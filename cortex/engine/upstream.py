@@ -74,7 +74,18 @@ class UpstreamResponse:
     ``content.iter_any()`` / ``content.readany()``, ``read()``, ``release()``, ``close()``.
     """
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_eof", "_error", "_waiter", "headers", "status", "until_close")
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_conn",
+        "_eof",
+        "_error",
+        "_poked",
+        "_waiter",
+        "headers",
+        "status",
+        "until_close",
+    )
 
     def __init__(self, conn: _Conn, status: int, headers: Headers, until_close: bool = False) -> None:
         self._conn: _Conn | None = conn
@@ -88,6 +99,7 @@ class UpstreamResponse:
         self._eof = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._poked = False
 
     @property
     def content(self) -> UpstreamResponse:
@@ -128,6 +140,30 @@ class UpstreamResponse:
                 return b""
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
+        data = self._chunks.popleft()
+        self._buffered -= len(data)
+        if self._conn is not None and self._buffered <= HIGH_WATER // 4:
+            self._conn.resume()
+        return data
+
+    def poke(self) -> None:
+        """Interrupt a pending :meth:`next_or_poke` (a timer's way to act on a silence without a timeout per read)."""
+        self._poked = True
+        self._wake()
+
+    async def next_or_poke(self) -> bytes | None:
+        """Like :meth:`readany`, but None when :meth:`poke` interrupted the wait (no bytes are lost)."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            if self._poked:
+                self._poked = False
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        self._poked = False
         data = self._chunks.popleft()
         self._buffered -= len(data)
         if self._conn is not None and self._buffered <= HIGH_WATER // 4:

@@ -606,3 +606,24 @@ async def test_timeout_bounds_the_wait_for_the_answer_head(serve: Any, pool: Ups
     # answered in time: the timer is gone and cannot fire on the connection's next request
     await asyncio.sleep(0.01)
     assert pool.idle_count(server.url) == 1
+
+
+async def test_a_poke_interrupts_a_silent_read_without_losing_bytes() -> None:
+    from typing import cast
+
+    from cortex.engine.upstream import Headers, UpstreamResponse, _Conn
+
+    resp = UpstreamResponse(cast(_Conn, None), 200, Headers())
+    pending = asyncio.ensure_future(resp.next_or_poke())
+    await asyncio.sleep(0)
+    assert not pending.done()
+    resp.poke()
+    assert await pending is None  # the silence, reported
+    resp._feed(b"data: 1\n\n")
+    resp.poke()  # a poke racing with bytes: the bytes win, the poke is dropped
+    assert await resp.next_or_poke() == b"data: 1\n\n"
+    later = asyncio.ensure_future(resp.next_or_poke())
+    await asyncio.sleep(0)
+    assert not later.done()
+    resp._finish()
+    assert await later == b""
