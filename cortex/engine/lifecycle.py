@@ -375,7 +375,7 @@ class Lifecycle:
                     held.append(f"{s.model_id} busy")
                 elif fleet.queued.get(s.model_id):
                     held.append(f"{s.model_id} queued")
-                elif s.loaded_at is not None and now - s.loaded_at < self.min_resident_s(s.model_id):
+                elif s.loaded_at is not None and now - s.loaded_at < self.settings.eviction.min_resident_s:
                     held.append(f"{s.model_id} loaded {now - s.loaded_at:.0f} s ago")
                 elif s.model_id in protected.get(name, ()):
                     held.append(f"{s.model_id} serving its turn")
@@ -387,10 +387,6 @@ class Lifecycle:
                 text += f"; cannot evict {', '.join(held)}"
             parts.append(text)
         return "; ".join(parts) or "no node lists it"
-
-    def min_resident_s(self, model: str) -> float:
-        """How long a freshly loaded model is protected from eviction (the configured floor)."""
-        return self.settings.eviction.min_resident_s
 
     def quantum_s(self, model: str) -> float:
         """The fairness quantum of loading ``model``: :data:`QUANTUM_LOADS` times its load time.
@@ -728,11 +724,14 @@ class Lifecycle:
         if snap is None:
             return None
         now = self.fleet.clock()
+        floor = self.settings.eviction.min_resident_s
+        held = self.protected(model).get(node.name, ())  # the turn rule holds after an OOM answer too
         candidates = [
             s
             for s in snap.slots
             if s.model_id != model
-            and evictable(s, now=now, min_resident_s=self.min_resident_s(s.model_id), queued=self.fleet.queued)
+            and s.model_id not in held
+            and evictable(s, now=now, min_resident_s=floor, queued=self.fleet.queued)
         ]
         order = victim_order(
             candidates,
