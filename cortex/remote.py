@@ -5,7 +5,8 @@ The console is written against :class:`~cortex.engine.EngineFacade` (``snapshot(
 something offers those three over HTTP. :class:`RemoteEngine` does: it keeps the last
 ``GET /admin/fleet`` as the snapshot (fetched about once a second, and again whenever an event says the
 fleet changed), turns the ``GET /admin/events`` server-sent events back into engine events on a local
-bus, and sends commands to the admin routes the CLI uses.
+bus, and sends commands to the admin routes the CLI uses. The loads of the last hour come with each
+snapshot (``loads_1h``), and a what-if is one ``GET /admin/whatif``.
 
 The link may drop (the gateway restarts, the network blinks). The facade then keeps the last snapshot,
 reconnects with exponential backoff (0.5 s doubling to 15 s) and says what it is doing through
@@ -29,7 +30,7 @@ import time
 import types
 import typing
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -37,6 +38,7 @@ import aiohttp
 
 from cortex.engine import commands as cmd
 from cortex.engine.events import Event, EventBus
+from cortex.engine.facade import WhatIf
 from cortex.engine.state import FleetSnapshot
 
 __all__ = ["RemoteEngine", "event_from_json", "snapshot_from_json"]
@@ -49,6 +51,8 @@ BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 15.0
 REFRESH_S = 1.0
 """How often the snapshot is fetched while the link is up (the request log and the rates move)."""
+WHATIF_TIMEOUT_S = 600.0
+"""How long a what-if may take on the gateway (an hour of a busy gateway's traffic, three replays)."""
 
 
 class LinkDown(Exception):
@@ -71,6 +75,7 @@ class RemoteEngine:
         self.bus = EventBus()
         now = time.time()
         self._snap = FleetSnapshot(taken_at=now, started_at=now, gateway=self.url)
+        self._loads: Mapping[str, int] = {}
         self._offset = 0.0
         """The gateway's clock minus ours, from the last snapshot."""
         self._session: aiohttp.ClientSession | None = None
@@ -134,6 +139,33 @@ class RemoteEngine:
         detail = data.get("detail") if isinstance(data.get("detail"), dict) else {}
         return cmd.CommandResult(resp.status == 200 and bool(data.get("ok")), message, detail or {})
 
+    def loads_last_hour(self) -> Mapping[str, int]:
+        """The loads per model the gateway counted in its last hour (with the last snapshot)."""
+        return self._loads
+
+    async def whatif(self) -> WhatIf:
+        """Ask the gateway to replay its last hour (``GET /admin/whatif``); a failure is in ``error``."""
+        now = self.clock()
+        failed = WhatIf(since=now - 3600.0, until=now, strategy=self._snap.strategy)
+        session = self._session
+        if session is None:
+            return dataclasses.replace(failed, error="not connected")
+        timeout = aiohttp.ClientTimeout(total=WHATIF_TIMEOUT_S)
+        try:
+            async with session.get(self.url + "/admin/whatif", timeout=timeout) as resp:
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            return dataclasses.replace(
+                failed, error=f"what-if: cannot reach the gateway at {self.url}: {_describe(exc)}"
+            )
+        if resp.status != 200 or not isinstance(data, dict):
+            message = data.get("message") if isinstance(data, dict) else None
+            return dataclasses.replace(failed, error=f"what-if: {message or f'HTTP {resp.status}'}")
+        try:
+            return _build(WhatIf, data)
+        except (TypeError, ValueError, KeyError) as exc:
+            return dataclasses.replace(failed, error=f"what-if: unreadable answer ({exc})")
+
     # -- the link ------------------------------------------------------------------------------------------
 
     def link_status(self) -> str:
@@ -182,6 +214,11 @@ class RemoteEngine:
         snap = snapshot_from_json(data)
         self._offset = snap.taken_at - time.time()
         self._snap = snap
+        loads = data.get("loads_1h")
+        if isinstance(loads, dict):
+            counts = {str(k): v for k, v in loads.items() if isinstance(v, int) and not isinstance(v, bool)}
+            if counts != self._loads:
+                self._loads = counts  # a new object only when a count changed (callers compare by identity)
 
     async def _follow(self) -> None:
         """Read the event feed and keep the snapshot fresh until either fails (raises) or the feed ends."""

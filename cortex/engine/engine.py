@@ -13,7 +13,7 @@ import contextlib
 import fnmatch
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -24,8 +24,10 @@ from cortex.config import Settings
 from cortex.engine import commands as cmd
 from cortex.engine.affinity import AffinityStore, responses_path
 from cortex.engine.agents import AgentHub
-from cortex.engine.events import Event, EventBus, ModelPinChanged, NodeStatusChanged
+from cortex.engine.events import Event, EventBus, ModelLoaded, ModelPinChanged, NodeStatusChanged
+from cortex.engine.facade import WhatIf
 from cortex.engine.fleet import Fleet, NodeRec, StateStore
+from cortex.engine.history import TrafficHistory
 from cortex.engine.kinds import ModelKinds
 from cortex.engine.lifecycle import Lease, Lifecycle, RestartResult
 from cortex.engine.metrics import CortexMetrics, RequestOutcome
@@ -75,6 +77,9 @@ class Engine:
             TraceRecorder(Path(record).expanduser(), settings.gateway.record_max_mb) if record else None
         )
         """Writes the traffic record for ``cortex replay`` (``gateway.record``), or None."""
+        self.history = TrafficHistory(clock)
+        """The last hour of finished requests and loads (the console's loads/h and what-if), record or not."""
+        self._whatif: asyncio.Task[WhatIf] | None = None
         self.affinity = AffinityStore(responses_file or responses_path(state_path))
         """Which node holds each stored OpenAI response (``previous_response_id`` routing), persisted."""
         self.kinds = ModelKinds()
@@ -126,6 +131,7 @@ class Engine:
         self.background(self._mark_ready())
         self.background(self._ttl_loop())
         self.background(self._agents_loop())
+        self.background(self._count_loads())
         if self.recorder is not None:
             self.recorder.start()
         self.background(self.affinity.run())
@@ -256,6 +262,12 @@ class Engine:
             await asyncio.sleep(self.settings.poll.interval_s)
             self.agents.refresh()
 
+    async def _count_loads(self) -> None:
+        """Feed the history with the loads cortex carries out (a poll's sighting has no ``seconds``)."""
+        async for event in self.bus.subscribe(requests=False):
+            if isinstance(event, ModelLoaded) and event.seconds is not None:
+                self.history.add_load(event.at, event.model, event.seconds)
+
     def _agents_changed(self) -> None:
         if self._fleet is not None:
             self._fleet.touch()
@@ -286,6 +298,34 @@ class Engine:
             return await execute(self, command)
         except NodeError as exc:
             return cmd.CommandResult(False, str(exc))
+
+    def loads_last_hour(self) -> Mapping[str, int]:
+        """Loads cortex carried out in the last hour, by model (the same object until a count changes)."""
+        return self.history.loads_last_hour()
+
+    async def whatif(self) -> WhatIf:
+        """Replay the last hour under each strategy in a worker thread (callers meanwhile share one run)."""
+        if self._whatif is None or self._whatif.done():
+            from cortex.replay.live import capture, run_whatif
+
+            history = self.history
+            live = capture(
+                self.snapshot(),
+                self.settings,
+                dict(self.fleet.store.footprints),
+                history.requests_last_hour(),
+                history.load_seconds(),
+                history.loads_last_hour(),
+                self.clock(),
+                history.window_s,
+            )
+            self._whatif = self.spawn(asyncio.to_thread(run_whatif, live))
+        run = self._whatif
+        try:
+            return await asyncio.shield(run)  # a caller that leaves does not cancel the others' run
+        except Exception as exc:  # logged by _task_done; the caller gets it in words
+            now = self.clock()
+            return WhatIf(since=now - self.history.window_s, until=now, strategy="", error=f"what-if failed: {exc}")
 
     # -- request path ---------------------------------------------------------------------------------
 
@@ -331,6 +371,7 @@ class Engine:
         from cortex.engine.events import RequestCompleted
 
         record = self.metrics.request_done(outcome)
+        self.history.add_request(outcome, record)
         if self.recorder is not None:
             self.recorder.add(outcome, record)
         self.fleet.touch()

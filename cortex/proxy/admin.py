@@ -1,4 +1,4 @@
-"""The admin API: the fleet as JSON, commands, a server-sent event feed, and agent reports.
+"""The admin API: the fleet as JSON, commands, a server-sent event feed, the what-if, and agent reports.
 
 Every admin route goes through :func:`check_admin`: with ``gateway.admin_token`` set, a matching bearer
 token (constant-time compare); without one, loopback clients only, so a fresh install is never open to
@@ -147,7 +147,16 @@ def add_admin_routes(app: web.Application, engine: Engine) -> None:
     async def fleet(request: web.Request) -> web.StreamResponse:
         if (denied := check_admin(request, admin_token())) is not None:
             return denied
-        return _json(200, engine.snapshot().to_json())
+        data = engine.snapshot().to_json()
+        data["loads_1h"] = dict(engine.loads_last_hour())  # the console's loads/h column (cortex attach)
+        return _json(200, data)
+
+    async def whatif(request: web.Request) -> web.StreamResponse:
+        # The replays run in a worker thread and take seconds for a busy hour: only an operator may start one.
+        if (denied := check_admin(request, admin_token())) is not None:
+            return denied
+        result = await engine.whatif()
+        return _json(200, result.to_json())
 
     async def body_of(request: web.Request) -> dict[str, Any] | web.Response:
         """The command's JSON object (``{}`` for none), or the error answer for a body that will not do."""
@@ -239,6 +248,7 @@ def add_admin_routes(app: web.Application, engine: Engine) -> None:
         return _json(200 if report.ok else 422, report.to_json())
 
     app.router.add_get("/admin/fleet", fleet)
+    app.router.add_get("/admin/whatif", whatif)
     app.router.add_post("/admin/reload", reload)
     app.router.add_post(r"/admin/models/{model:.+}/{action:(pin|unpin|load|unload)}", model_action)
     app.router.add_post(r"/admin/nodes/{name}/{action:(drain|undrain|restart)}", node_action)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,18 @@ class ReplayNode:
         self.loads += 1
         self.mb_loaded += spec.mb
         return LifecycleReply("loaded")
+
+
+class _ThisThreadQuiet(logging.Filter):
+    """Drops the records below ERROR that the thread which made it logs (the replay's own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether the record may go on."""
+        return record.thread != self.thread or record.levelno >= logging.ERROR
 
 
 class _MemoryStore(StateStore):
@@ -310,9 +323,16 @@ def replay(
         base: settings whose tunables (eviction, poll) the replayed engine takes; the defaults when None.
     """
     settings = replay_settings(fleet, strategy, base)
-    quiet = logging.getLogger("cortex.engine")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # a replay's loads and waits are its result, not news for the log
+    # A replay's loads and waits are its result, not news for the log. Only this thread's records are
+    # held back: the console's what-if replays in a worker thread beside a live engine that keeps logging.
+    quiet = _ThisThreadQuiet()
+    loggers = [
+        logger
+        for name, logger in list(logging.Logger.manager.loggerDict.items())
+        if isinstance(logger, logging.Logger) and (name == "cortex.engine" or name.startswith("cortex.engine."))
+    ]
+    for logger in loggers:
+        logger.addFilter(quiet)
     loop = VirtualLoop(_EPOCH)
     try:
 
@@ -324,7 +344,8 @@ def replay(
         world = loop.run_until_complete(main())
     finally:
         loop.close()
-        quiet.setLevel(level)
+        for logger in loggers:
+            logger.removeFilter(quiet)
     return _result(world, requests, fleet)
 
 
