@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -36,7 +37,9 @@ from cortex.engine.placement import (
     DEFAULT_LOAD_S,
     ModelStats,
     Placement,
+    UseLog,
     evictable,
+    in_burst,
     place,
     select_victims,
     victim_order,
@@ -66,6 +69,11 @@ _OOM_MARKERS = ("out of memory", "out_of_memory", "cuda_error_out_of_memory", "o
 def _now() -> float:
     """The running loop's clock: real monotonic time in the gateway, virtual time under ``cortex replay``."""
     return asyncio.get_running_loop().time()
+
+
+def _burst_over(stats: ModelStats | None) -> bool:
+    """Whether the ``cost`` figures say a model's burst of requests has ended (False without them)."""
+    return stats is not None and stats.since_s is not None and not in_burst(stats)
 
 
 def is_oom(error: str) -> bool:
@@ -242,6 +250,8 @@ class Lifecycle:
         self._reconciling: set[str] = set()
         self.load_s: dict[str, float] = {}
         """model → its measured load time in seconds (a moving average), which sizes its fairness quantum."""
+        self.uses = UseLog()
+        """Each served model's bursts of requests (the ``cost`` strategy's reuse evidence)."""
         self._changed = asyncio.Event()
         self.defrag_task: asyncio.Task[Any] | None = None
         """The last automatic defrag (tests await it)."""
@@ -281,10 +291,12 @@ class Lifecycle:
         """
         node = self.route(model, exclude)
         if node is not None:
+            self.uses.note(model, self.fleet.clock())
             return Lease(self.fleet, node, model, 0.0)
         listed = list(self.fleet.listed(model))
         if not listed:
             raise UnknownModel(f"model {model!r} is not served by any node")
+        self.uses.note(model, self.fleet.clock())
         self._check_fits_somewhere(model, listed)
         queue = self.queues.get(model)
         if queue is None:
@@ -411,8 +423,10 @@ class Lifecycle:
         the least recently used would be the one whose next request comes soonest). The evicted model's own
         requests then wait their quantum in turn, which spaces the switches; several models waiting at once
         each get their turn after one quantum, not one after another. Under the ``cost`` strategy the switch
-        takes the model in use that is cheapest to miss instead (:func:`~cortex.engine.placement.miss_cost`).
-        Models nobody uses are not protected by this rule beyond ``min_resident_s``.
+        takes the model in use that is cheapest to miss instead (:func:`~cortex.engine.placement.miss_cost`),
+        and a model whose burst of requests is over (:func:`~cortex.engine.placement.in_burst`) is not in use
+        any more, however recent its last request. Models nobody uses are not protected by this rule beyond
+        ``min_resident_s``.
         """
         quantum = self.quantum_s(model)
         if quantum <= 0:
@@ -421,6 +435,7 @@ class Lifecycle:
         if queue is not None and queue.waiters > 0 and _now() - queue.since >= quantum:
             return {}  # its turn: whatever it needs may go, in the strategy's order (a big model may need two)
         now = self.fleet.clock()
+        stats = self.cost_stats() or {}
         out: dict[str, set[str]] = {}
         for node in self.fleet.nodes.values():
             hot = [
@@ -428,7 +443,13 @@ class Lifecycle:
                 for model_id, slot in node.slots.items()
                 if slot.state is SlotState.LOADED
                 and model_id != model
-                and (slot.in_flight or now - max(slot.last_used, slot.loaded_at or slot.state_since) <= quantum)
+                and (
+                    slot.in_flight
+                    or (
+                        now - max(slot.last_used, slot.loaded_at or slot.state_since) <= quantum
+                        and not _burst_over(stats.get(model_id))
+                    )
+                )
             ]
             if not hot:
                 continue
@@ -440,10 +461,13 @@ class Lifecycle:
         if self.settings.eviction.strategy != "cost":
             return None
         mean = sum(self.load_s.values()) / len(self.load_s) if self.load_s else DEFAULT_LOAD_S
-        return {
-            m: ModelStats(rate=self.fleet.demand_rate(m), load_s=self.load_s.get(m, mean))
-            for m in self.fleet.demand.keys() | self.load_s.keys()
-        }
+        now = self.fleet.clock()
+        out: dict[str, ModelStats] = {}
+        for m in self.fleet.demand.keys() | self.load_s.keys() | set(self.uses.models()):
+            seen = self.uses.figures(m, now)
+            since, bursts, gap, pace = seen if seen is not None else (None, 0, 0.0, math.inf)
+            out[m] = ModelStats(self.fleet.demand_rate(m), self.load_s.get(m, mean), since, bursts, gap, pace)
+        return out
 
     def changed(self) -> None:
         """Something that may unblock a placer happened (a request ended, a poll landed)."""
