@@ -64,7 +64,7 @@ DEFAULT_LOAD_S = 30.0
 BURST_GAP_S = 120.0
 """A request more than this many seconds after its model's previous one always starts a new *burst* of it."""
 
-BURST_PACES = 8.0
+BURST_PACES = 16.0
 """A burst is over once its model has been quiet for this many of its usual gaps between requests in a burst
 (at least :data:`BURST_MIN_S`, at most :data:`BURST_GAP_S`): a harness sending two prompts a second is done
 after seconds of silence, a chat session with a request every 15 s only after two minutes."""
