@@ -12,15 +12,10 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cortex.replay.run import STRATEGIES, ReplayResult, replay
-from cortex.replay.spec import FleetSpec, ModelSpec, NodeSpec, Request, SpecError, read_fleet, read_trace
-
-if TYPE_CHECKING:
-    from cortex.config import Settings
+from cortex.replay.spec import SpecError, fleet_from_settings, read_fleet, read_trace
 
 __all__ = ["add_replay_arguments", "fleet_from_settings", "run_replay"]
 
@@ -48,61 +43,6 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object keyed by strategy")
     p.add_argument("--load-s", type=float, default=30.0, help="load time of every model with --fleet-from (30)")
     p.add_argument("--state", type=Path, help="state file with learned footprints (default: cortex's own)")
-
-
-def fleet_from_settings(
-    settings: Settings,
-    footprints: Mapping[str, int],
-    requests: Sequence[Request],
-    *,
-    load_s: float,
-    load_times: Mapping[str, float] | None = None,
-    listed: Mapping[str, Iterable[str]] | None = None,
-    pinned: Mapping[str, Iterable[str]] | None = None,
-    vram: Mapping[str, int] | None = None,
-) -> FleetSpec:
-    """A fleet from a config and learned footprints (see the module docstring).
-
-    The optional mappings put what a running gateway knows in place of the config's guesses (the
-    console's what-if, :mod:`cortex.replay.live`); a node missing from one keeps the config's value.
-
-    Args:
-        settings: the config: nodes, pins, ``[[models]]`` sizes and priorities, headroom.
-        footprints: learned sizes (MiB) by model; ``[[models]].vram_mb`` wins over them.
-        requests: the trace (every model it asks for needs a size).
-        load_s: the load time of a model ``load_times`` does not name.
-        load_times: measured load seconds by model.
-        listed: node → the models it lists (else every model that fits it).
-        pinned: node → its pins as they are now (else the config's).
-        vram: node → its memory as it reports it (else ``vram_mb``).
-
-    Raises:
-        SpecError: a model the trace asks for has no known footprint.
-    """
-    mb = dict(footprints)
-    for facts in settings.models:
-        if facts.vram_mb:
-            mb[facts.id] = facts.vram_mb
-    unknown = sorted({r.model for r in requests} - mb.keys())
-    if unknown:
-        raise SpecError(
-            f"no footprint known for {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}: "
-            "set [[models]].vram_mb, or write a FLEET.json"
-        )
-    priorities = {m.id: m.priority for m in settings.models}
-    nodes = []
-    for n in settings.nodes:
-        total = (vram or {}).get(n.name) or n.vram_mb
-        pins = set((pinned or {}).get(n.name, n.pinned))
-        usable = total - settings.eviction.headroom_mb
-        names = set((listed or {}).get(n.name, mb))
-        fits = {m for m in names if m in mb and mb[m] <= usable}
-        nodes.append(NodeSpec(n.name, total, tuple(sorted(fits | (pins & mb.keys()))), tuple(sorted(pins & mb.keys()))))
-    if not nodes:
-        raise SpecError("the config has no [[nodes]]")
-    times = load_times or {}
-    models = tuple(ModelSpec(m, size, times.get(m, load_s), priorities.get(m, 0)) for m, size in sorted(mb.items()))
-    return FleetSpec(tuple(nodes), models)
 
 
 def _sparkline(values: list[float]) -> str:

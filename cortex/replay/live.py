@@ -6,7 +6,7 @@ snapshot shows it: node memory, listed models, live pins, known and learned size
 and a deep copy of the settings); nothing it returns refers to a live object. :func:`run_whatif` then runs
 in a worker thread on that copy alone: :func:`~cortex.replay.run.replay_all` builds its own engine parts
 on its own virtual-time loop, so the live engine is never touched from the thread. The fleet is built by
-:func:`~cortex.replay.cli.fleet_from_settings`, the code behind ``cortex replay --fleet-from``, with the
+:func:`~cortex.replay.spec.fleet_from_settings`, the code behind ``cortex replay --fleet-from``, with the
 live facts in place of the config's guesses.
 
 A replay starts with only the pins loaded (like ``cortex replay``), while the live hour began with whatever
@@ -24,9 +24,8 @@ from cortex.config import Settings
 from cortex.engine.facade import WhatIf, WhatIfRow
 from cortex.engine.history import Finished
 from cortex.engine.state import FleetSnapshot
-from cortex.replay.cli import fleet_from_settings
 from cortex.replay.run import STRATEGIES, quantile, replay_all
-from cortex.replay.spec import FleetSpec, Request, SpecError
+from cortex.replay.spec import FleetSpec, Request, SpecError, fleet_from_settings
 
 __all__ = ["DEFAULT_LOAD_S", "LiveCapture", "capture", "live_fleet", "run_whatif"]
 

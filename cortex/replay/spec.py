@@ -11,12 +11,25 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["FleetSpec", "ModelSpec", "NodeSpec", "Request", "SpecError", "fleet_from_json", "read_fleet", "read_trace"]
+if TYPE_CHECKING:
+    from cortex.config import Settings
+
+__all__ = [
+    "FleetSpec",
+    "ModelSpec",
+    "NodeSpec",
+    "Request",
+    "SpecError",
+    "fleet_from_json",
+    "fleet_from_settings",
+    "read_fleet",
+    "read_trace",
+]
 
 
 class SpecError(ValueError):
@@ -210,3 +223,61 @@ def read_fleet(path: Path) -> FleetSpec:
     except ValueError as exc:
         raise SpecError(f"{path}: not JSON ({exc})") from None
     return fleet_from_json(data, str(path))
+
+
+def fleet_from_settings(
+    settings: Settings,
+    footprints: Mapping[str, int],
+    requests: Sequence[Request],
+    *,
+    load_s: float,
+    load_times: Mapping[str, float] | None = None,
+    listed: Mapping[str, Iterable[str]] | None = None,
+    pinned: Mapping[str, Iterable[str]] | None = None,
+    vram: Mapping[str, int] | None = None,
+) -> FleetSpec:
+    """A fleet from a config and learned footprints (``cortex replay --fleet-from``).
+
+    Sizes come from ``[[models]].vram_mb``, else the footprints cortex learned; each node is taken to list
+    every model that fits it, its pins included.
+
+    The optional mappings put what a running gateway knows in place of the config's guesses (the
+    console's what-if, :mod:`cortex.replay.live`); a node missing from one keeps the config's value.
+
+    Args:
+        settings: the config: nodes, pins, ``[[models]]`` sizes and priorities, headroom.
+        footprints: learned sizes (MiB) by model; ``[[models]].vram_mb`` wins over them.
+        requests: the trace (every model it asks for needs a size).
+        load_s: the load time of a model ``load_times`` does not name.
+        load_times: measured load seconds by model.
+        listed: node → the models it lists (else every model that fits it).
+        pinned: node → its pins as they are now (else the config's).
+        vram: node → its memory as it reports it (else ``vram_mb``).
+
+    Raises:
+        SpecError: a model the trace asks for has no known footprint.
+    """
+    mb = dict(footprints)
+    for facts in settings.models:
+        if facts.vram_mb:
+            mb[facts.id] = facts.vram_mb
+    unknown = sorted({r.model for r in requests} - mb.keys())
+    if unknown:
+        raise SpecError(
+            f"no footprint known for {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}: "
+            "set [[models]].vram_mb, or write a FLEET.json"
+        )
+    priorities = {m.id: m.priority for m in settings.models}
+    nodes = []
+    for n in settings.nodes:
+        total = (vram or {}).get(n.name) or n.vram_mb
+        pins = set((pinned or {}).get(n.name, n.pinned))
+        usable = total - settings.eviction.headroom_mb
+        names = set((listed or {}).get(n.name, mb))
+        fits = {m for m in names if m in mb and mb[m] <= usable}
+        nodes.append(NodeSpec(n.name, total, tuple(sorted(fits | (pins & mb.keys()))), tuple(sorted(pins & mb.keys()))))
+    if not nodes:
+        raise SpecError("the config has no [[nodes]]")
+    times = load_times or {}
+    models = tuple(ModelSpec(m, size, times.get(m, load_s), priorities.get(m, 0)) for m, size in sorted(mb.items()))
+    return FleetSpec(tuple(nodes), models)

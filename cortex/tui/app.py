@@ -4,8 +4,10 @@ The app is the only part of the console that talks to the engine, and only throu
 :class:`~cortex.engine.EngineFacade`: it reads ``snapshot()`` on a timer at ``tui.refresh_hz`` and hands it
 to the screens, consumes ``subscribe()`` in one declared worker that only posts messages, and sends
 ``submit()`` commands in workers whose outcome (success, refusal or exception) is handled in one place,
-:meth:`CortexApp._worker_changed`, and always shown as a notification. Screens own their widgets and view
-state; the app owns keys, commands, confirmation flows and themes.
+:meth:`CortexApp._worker_changed`, and always shown as a notification. The what-if (``w`` on a detail
+screen) is one more worker awaiting the facade's ``whatif()``, which replays off the loop, so the console
+keeps drawing meanwhile. Screens own their widgets and view state; the app owns keys, commands,
+confirmation flows and themes.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from textual.worker import Worker, WorkerState
 
 from cortex.config import Settings
 from cortex.engine import Command, CommandResult, EngineFacade, NodeStatus, commands
+from cortex.engine.facade import WhatIf
 from cortex.tui.describe import command_label, event_notice
-from cortex.tui.messages import CommandFinished, CommandSubmitted, EngineEventReceived
+from cortex.tui.messages import CommandFinished, CommandSubmitted, EngineEventReceived, WhatIfFinished
 from cortex.tui.render import Selection
 from cortex.tui.screens import FleetView
 from cortex.tui.screens.confirm import ConfirmScreen
 from cortex.tui.screens.dashboard import DashboardScreen
+from cortex.tui.screens.detail import DetailScreen
 from cortex.tui.screens.help import HelpScreen
 from cortex.tui.themes import FALLBACK_THEME, find_theme_dir, load_themes
 
@@ -82,6 +86,12 @@ class CortexApp(App[int]):
         Binding("r", "load", "load", tooltip="load (or reload) the selected model"),
         Binding("d", "drain", "drain", tooltip="drain or undrain the selected node"),
         Binding("R", "restart", "restart", key_display="R", tooltip="restart the selected node (asks)"),
+        Binding(
+            "w",
+            "whatif",
+            "what-if",
+            tooltip="what-if on a detail screen: the last hour under each strategy",
+        ),
     ]
 
     def __init__(
@@ -237,11 +247,11 @@ class CortexApp(App[int]):
             self.dashboard.link = link
 
     def refresh_views(self) -> None:
-        """Hand the current snapshot to every screen that shows the fleet."""
-        snap, now = self.engine.snapshot(), self.clock()
+        """Hand the current snapshot (and the loads of the last hour) to every screen that shows the fleet."""
+        snap, now, loads = self.engine.snapshot(), self.clock(), self.engine.loads_last_hour()
         for screen in self.screen_stack:
             if isinstance(screen, FleetView):
-                screen.show(snap, now)
+                screen.show(snap, now, loads)
 
     @work(exclusive=True, group="engine-events", exit_on_error=False, description="Watching engine events")
     async def _watch_engine(self) -> None:
@@ -272,6 +282,8 @@ class CortexApp(App[int]):
             return False  # not offered at all: the footer leaves them out
         if action in DASHBOARD_ACTIONS and self.screen is not self.dashboard:
             return False
+        if action == "whatif":
+            return isinstance(self.screen, DetailScreen)
         return not (isinstance(self.screen, ModalScreen) and action in BLOCKED_BY_DIALOGS)
 
     def _selected(self, kind: str, verb: str) -> Selection | None:
@@ -304,6 +316,26 @@ class CortexApp(App[int]):
             where.append(f"metrics {self.metrics_url}")
         where.append(f"theme {self.theme} (t: next of {len(self.theme_cycle)})")
         _ = self.push_screen(HelpScreen(bindings, read_only=self.read_only, about=where))
+
+    def action_whatif(self) -> None:
+        """Replay the last hour under each strategy, shown on the detail screens (one run at a time)."""
+        if any(w.group == "whatif" and not w.is_finished for w in self.workers):
+            self.notify("what-if: already replaying", severity="warning")
+            return
+        for screen in self.screen_stack:
+            if isinstance(screen, DetailScreen):
+                screen.whatif_started()
+        self._run_whatif()
+
+    @work(exclusive=True, group="whatif", exit_on_error=False, description="Replaying the last hour")
+    async def _run_whatif(self) -> None:
+        self.post_message(WhatIfFinished(await self.engine.whatif()))
+
+    @on(WhatIfFinished)
+    def _whatif_finished(self, message: WhatIfFinished) -> None:
+        for screen in self.screen_stack:
+            if isinstance(screen, DetailScreen):
+                screen.whatif_done(message.result)
 
     def action_filter(self) -> None:
         self.dashboard.open_filter()
@@ -393,6 +425,11 @@ class CortexApp(App[int]):
         worker = event.worker
         if worker.group == "engine-events" and event.state is WorkerState.ERROR:
             self.notify(f"engine events stopped: {worker.error!r}", severity="error", markup=False)
+        if worker.group == "whatif" and event.state is WorkerState.ERROR:
+            now = self.clock()
+            failed = WhatIf(since=now - 3600, until=now, strategy="", error=f"what-if failed: {worker.error!r}")
+            self.notify(failed.error, severity="error", markup=False)
+            self.post_message(WhatIfFinished(failed))
         if worker.group != "commands" or event.state not in (WorkerState.SUCCESS, WorkerState.ERROR):
             return
         command = self._commands.pop(worker, None)

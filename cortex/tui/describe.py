@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cortex.engine import FleetSnapshot, ModelSlot, ModelView, NodeSnapshot, WindowStats, commands, events
+from cortex.engine.facade import WhatIf, WhatIfRow
 from cortex.tui import fmt
 from cortex.tui.render import STATE_TONE, STATUS_TONE, Cell, Span, cell, vram_bar
 
-__all__ = ["Notice", "command_label", "event_notice", "model_lines", "node_lines"]
+__all__ = ["Notice", "command_label", "event_notice", "model_lines", "node_lines", "whatif_lines"]
 
 Severity = Literal["information", "warning", "error"]
 SLOT_HEADER = "  {first:<28} state       since   VRAM busy   used"
+WHATIF_HEADER = "  {name:<14}{requests:>9}{loads:>8}{p95:>10}{max:>10}{failed:>8}"
+WHATIF_HINT = "w: what if? replay the last hour's traffic under each strategy (lru, priority, cost)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +135,8 @@ def node_lines(node: NodeSnapshot, now: float, tz: dt.tzinfo | None) -> list[Cel
     return lines
 
 
-def model_lines(model: ModelView, snap: FleetSnapshot, now: float) -> list[Cell]:
-    """Every field of a catalogue entry, and its slot on each node that lists it."""
+def model_lines(model: ModelView, snap: FleetSnapshot, now: float, loads: int = 0) -> list[Cell]:
+    """Every field of a catalogue entry, and its slot on each node that lists it (``loads``: in the last hour)."""
     loading = fmt.DASH
     if model.loading_on:
         since = "" if model.loading_since is None else f" for {fmt.duration(now - model.loading_since)}"
@@ -153,6 +156,7 @@ def model_lines(model: ModelView, snap: FleetSnapshot, now: float) -> list[Cell]
         _kv("aliases", (", ".join(model.aliases) or fmt.DASH, "")),
         _kv("in flight", (f"{model.in_flight}, {model.queued} queued", "")),
         _kv("last used", (fmt.age(model.last_used, now), "")),
+        _kv("loads", (f"{loads} in the last hour", "" if loads else "muted")),
         *_stats_lines(model.stats),
         (),
         _title("slots"),
@@ -164,6 +168,53 @@ def model_lines(model: ModelView, snap: FleetSnapshot, now: float) -> list[Cell]
         if slot is not None:
             line = _slot_line(slot, now)
             lines.append(((f"  {name:<28} ", ""), *line[1:]))
+    return lines
+
+
+def _whatif_row(row: WhatIfRow, label: str, tone: str = "") -> Cell:
+    text = WHATIF_HEADER.format(
+        name=_clip(label, 13),
+        requests=row.requests,
+        loads=row.loads,
+        p95=fmt.seconds(row.p95_wait_s),
+        max=fmt.seconds(row.max_wait_s),
+        failed=row.failed if row.name != "live" else fmt.DASH,
+    )
+    return cell(text, tone)
+
+
+def whatif_lines(result: WhatIf | None, *, running: bool, tz: dt.tzinfo | None) -> list[Cell]:
+    """The what-if block of a detail screen: the hint, "replaying…", the comparison, or why there is none.
+
+    The live row is what really happened in the window (loads cortex made, waits requests had); each
+    strategy row is a replay of the same requests on the same fleet (:func:`cortex.replay.replay_all`).
+    """
+    if running:
+        return [_title("what if · replaying the last hour under each strategy…")]
+    if result is None:
+        return [cell(WHATIF_HINT, "muted")]
+    window = f"{fmt.clock_time(result.since, tz)} to {fmt.clock_time(result.until, tz)}"
+    if result.error:
+        return [_title(f"what if · {window}"), cell(f"  {result.error}", "warning"), cell(WHATIF_HINT, "muted")]
+    head = WHATIF_HEADER.format(
+        name="", requests="requests", loads="loads", p95="p95 wait", max="max wait", failed="failed"
+    )
+    lines: list[Cell] = [
+        _title(f"what if · {window}, replayed in {fmt.seconds(result.seconds)} · w runs it again"),
+        cell(head, "muted"),
+    ]
+    if result.live is not None:
+        lines.append(_whatif_row(result.live, f"live ({result.strategy})", "accent"))
+    best = min((r.loads for r in result.replayed), default=0)
+    for row in result.replayed:
+        lines.append(
+            _whatif_row(
+                row,
+                row.name + (" (now)" if row.name == result.strategy else ""),
+                "success" if row.loads == best else "",
+            )
+        )
+    lines.append(cell("  replays start with only the pins loaded; live counts the loads cortex made", "muted"))
     return lines
 
 

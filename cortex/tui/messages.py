@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from textual.message import Message
 
 from cortex.engine import Command, CommandResult, Event
+from cortex.engine.facade import WhatIf
 
-__all__ = ["CommandFinished", "CommandSubmitted", "EngineEventReceived"]
+__all__ = ["CommandFinished", "CommandSubmitted", "EngineEventReceived", "WhatIfFinished"]
 
 
 @dataclass
@@ -36,3 +37,10 @@ class CommandFinished(Message):
     command: Command
     result: CommandResult | None
     error: str = ""
+
+
+@dataclass
+class WhatIfFinished(Message):
+    """The engine answered a what-if (the comparison, or in ``result.error`` why there is none)."""
+
+    result: WhatIf

@@ -83,6 +83,8 @@ class ColumnSpec:
     right: bool = False
     trim: bool = False
     """A model id: when it does not fit, its ``org/`` goes before its name is cut."""
+    short: str = ""
+    """The header when ``label`` does not fit the column (a narrow terminal)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,11 +118,13 @@ MODEL_COLUMNS = (
     ColumnSpec("vram", "VRAM", 5, right=True),
     ColumnSpec("in_flight", "busy", 4, right=True),
     ColumnSpec("queued", "queue", 5, right=True),
+    ColumnSpec("loads", "loads/h", 4, right=True, short="ld/h"),
     ColumnSpec("last_used", "used", 5, right=True),
     ColumnSpec("tok_s", "tok/s", 5, right=True),
     ColumnSpec("ttft", "TTFT", 5, right=True),
 )
-"""At 80 columns the model id gets 15 cells; the rest always shows."""
+"""At 80 columns the model id gets 13 cells (its ``org/`` goes first) and ``loads/h`` reads ``ld/h``; the rest
+always shows."""
 REQUEST_COLUMNS = (
     ColumnSpec("time", "time", 8),
     ColumnSpec("api", "api", 9),
@@ -298,8 +302,8 @@ def _where(model: ModelView) -> Cell:
     return cell(", ".join(model.listed_on), "muted")
 
 
-def model_cells(model: ModelView, now: float) -> tuple[Cell, ...]:
-    """The cells of one model's row."""
+def model_cells(model: ModelView, now: float, loads: int = 0) -> tuple[Cell, ...]:
+    """The cells of one model's row (``loads``: how many times cortex loaded it in the last hour)."""
     stats = model.stats
     return (
         cell(model.id),
@@ -309,6 +313,7 @@ def model_cells(model: ModelView, now: float) -> tuple[Cell, ...]:
         cell(fmt.mb(model.vram_mb), "" if model.vram_mb else "muted"),
         cell(str(model.in_flight), "" if model.in_flight else "muted"),
         cell(str(model.queued), "warning" if model.queued else "muted"),
+        cell(str(loads), "" if loads else "muted"),
         cell(fmt.short_age(model.last_used, now), "" if model.last_used else "muted"),
         cell(fmt.rate(stats.tok_s)),
         cell(fmt.seconds(stats.ttft_p50)),
@@ -327,21 +332,29 @@ MODEL_SORTS: dict[str, Callable[[ModelView], Any]] = {
 """Sort orders of the models table, cycled by `s`."""
 
 
-ModelItem = tuple[ModelView, float]
-"""What one model's row is made from: the model and the time to render ages against."""
+ModelItem = tuple[ModelView, float, int]
+"""What one model's row is made from: the model, the time to render ages against, its loads in the last hour."""
 
 
-def model_items(snap: FleetSnapshot, now: float, *, needle: str = "", sort: str = "id") -> list[tuple[str, ModelItem]]:
+def model_items(
+    snap: FleetSnapshot,
+    now: float,
+    *,
+    needle: str = "",
+    sort: str = "id",
+    loads: Mapping[str, int] | None = None,
+) -> list[tuple[str, ModelItem]]:
     """The models table's rows unformatted: filtered by id or node, in the chosen order.
 
     A catalogue of 64 nodes x 32 models is 2,048 rows of which a terminal shows about forty: the table
     formats only those (:func:`model_item_cells`), so a redraw costs the filter and the sort, not 2,048
-    rows of figures.
+    rows of figures. ``loads`` is the engine's count of loads per model in the last hour.
     """
     needle = needle.lower()
     models = [m for m in snap.models if _matches(needle, (m.id, *m.listed_on, *m.nodes))]
     models.sort(key=MODEL_SORTS.get(sort, MODEL_SORTS["id"]))
-    return [(m.id, (m, now)) for m in models]
+    counts = loads or {}
+    return [(m.id, (m, now, counts.get(m.id, 0))) for m in models]
 
 
 def model_item_cells(item: ModelItem) -> tuple[Cell, ...]:
@@ -349,9 +362,17 @@ def model_item_cells(item: ModelItem) -> tuple[Cell, ...]:
     return model_cells(*item)
 
 
-def model_rows(snap: FleetSnapshot, now: float, *, needle: str = "", sort: str = "id") -> list[Row]:
+def model_rows(
+    snap: FleetSnapshot,
+    now: float,
+    *,
+    needle: str = "",
+    sort: str = "id",
+    loads: Mapping[str, int] | None = None,
+) -> list[Row]:
     """Rows of the models table: filtered by id or node, in the chosen order."""
-    return [(key, model_item_cells(item)) for key, item in model_items(snap, now, needle=needle, sort=sort)]
+    items = model_items(snap, now, needle=needle, sort=sort, loads=loads)
+    return [(key, model_item_cells(item)) for key, item in items]
 
 
 def _status_tone(status: int) -> str:

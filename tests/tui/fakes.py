@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from cortex.config import Settings, TuiSettings
@@ -28,6 +28,7 @@ from cortex.engine import (
     SlotState,
     WindowStats,
 )
+from cortex.engine.facade import WhatIf, WhatIfRow
 from cortex.tui.app import CortexApp
 
 NOW = 1_767_225_600.0
@@ -204,6 +205,26 @@ def build_fleet(now: float = NOW, *, in_flight: int = 3) -> FleetSnapshot:
     )
 
 
+LOADS = {QWEN32: 3, GEMMA: 1, PHI: 12}
+"""Loads per model in the last hour, as the fake engine counts them."""
+
+
+def build_whatif(now: float = NOW) -> WhatIf:
+    """A fixed what-if: the live hour beside the three strategies."""
+    return WhatIf(
+        since=now - 3600,
+        until=now,
+        strategy="lru",
+        live=WhatIfRow("live", 240, 16, 12.5, 31.0),
+        replayed=(
+            WhatIfRow("lru", 240, 18, 13.2, 33.5),
+            WhatIfRow("priority", 240, 17, 12.9, 30.1),
+            WhatIfRow("cost", 240, 9, 4.25, 31.2, failed=1),
+        ),
+        seconds=0.42,
+    )
+
+
 class FakeEngine:
     """The engine facade over a settable snapshot; records commands; events come from a queue."""
 
@@ -217,6 +238,11 @@ class FakeEngine:
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.subscribed = 0
         self.wants_requests: bool | None = None
+        self.loads: Mapping[str, int] = dict(LOADS)
+        self.whatif_result = build_whatif()
+        self.whatif_gate: asyncio.Event | None = None
+        """When set, whatif() waits for it (a test sees "replaying…" meanwhile)."""
+        self.whatifs = 0
 
     def snapshot(self) -> FleetSnapshot:
         return self.fleet
@@ -226,6 +252,17 @@ class FakeEngine:
         self.wants_requests = requests
         while True:
             yield await self.events.get()
+
+    def loads_last_hour(self) -> Mapping[str, int]:
+        return self.loads
+
+    async def whatif(self) -> WhatIf:
+        self.whatifs += 1
+        if self.whatif_gate is not None:
+            await self.whatif_gate.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        return self.whatif_result
 
     async def submit(self, command: Command) -> CommandResult:
         self.submitted.append(command)

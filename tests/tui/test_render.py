@@ -110,14 +110,18 @@ def test_node_rows_show_status_vram_models_defrag_and_agent() -> None:
 
 
 def test_model_rows_show_state_pin_queue_and_figures() -> None:
-    rows = dict(model_rows(build_fleet(), NOW))
+    rows = dict(model_rows(build_fleet(), NOW, loads={PHI: 12}))
     llama, phi, qwen7 = rows[LLAMA], rows[PHI], rows[QWEN7]
-    assert [text(c) for c in llama] == [LLAMA, "gpu-large", "loaded", "●", "16.0G", "2", "0", "3s", "412", "210ms"]
+    assert [text(c) for c in llama] == [
+        LLAMA, "gpu-large", "loaded", "●", "16.0G", "2", "0", "0", "3s", "412", "210ms"
+    ]  # fmt: skip
     assert [text(c) for c in phi][:3] == [PHI, "gpu-medium", "loading 12s"]
     assert text(phi[6]) == "1"
     assert tones(phi[6]) == {"warning"}
+    assert (text(phi[7]), tones(phi[7])) == ("12", set())  # loads in the last hour, as the engine counts them
+    assert tones(llama[7]) == {"muted"}  # none
     assert [text(c) for c in qwen7][2:4] == ["unloaded", ""]
-    assert text(qwen7[7]) == "never"
+    assert text(qwen7[8]) == "never"
 
 
 @pytest.mark.parametrize(

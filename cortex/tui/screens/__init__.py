@@ -6,6 +6,7 @@ same "now", so the dashboard under a dialog and a detail screen on top never dis
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 from cortex.engine import FleetSnapshot
@@ -17,6 +18,6 @@ __all__ = ["FleetView"]
 class FleetView(Protocol):
     """A screen that redraws from a fleet snapshot."""
 
-    def show(self, snap: FleetSnapshot, now: float) -> None:
-        """Redraw from this snapshot as of `now` (cheap when nothing changed)."""
+    def show(self, snap: FleetSnapshot, now: float, loads: Mapping[str, int] | None = None) -> None:
+        """Redraw from this snapshot as of `now` (cheap when nothing changed); ``loads``: per model, last hour."""
         ...

@@ -9,6 +9,7 @@ displayed second nor the view state changed, so most ticks cost a comparison.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 
 from textual import on
 from textual.app import ComposeResult
@@ -69,6 +70,8 @@ class DashboardScreen(Screen[None]):
         """The table that last had the focus: its row is the selection."""
         self._snap: FleetSnapshot | None = None
         self._now = 0.0
+        self._loads: Mapping[str, int] = {}
+        self._drawn_loads: Mapping[str, int] | None = None
         self._drawn_snap: FleetSnapshot | None = None
         self._drawn_view: tuple[object, ...] = ()
         self._drawn_requests: tuple[tuple[RequestRecord, ...], str] | None = None
@@ -106,9 +109,11 @@ class DashboardScreen(Screen[None]):
             return None
         return Selection("node" if self.table_id == "nodes" else "model", key)
 
-    def show(self, snap: FleetSnapshot, now: float) -> None:
-        """Redraw from a snapshot; cheap when nothing visible changed."""
+    def show(self, snap: FleetSnapshot, now: float, loads: Mapping[str, int] | None = None) -> None:
+        """Redraw from a snapshot and the loads per model in the last hour; cheap when nothing visible changed."""
         self._snap, self._now = snap, now
+        if loads is not None:
+            self._loads = loads
         self._redraw()
 
     def _redraw(self) -> None:
@@ -116,8 +121,9 @@ class DashboardScreen(Screen[None]):
         if snap is None:
             return
         view = (int(now), needle, self.sorts["nodes"], self.sorts["models"], self.link)
-        if snap is not self._drawn_snap or view != self._drawn_view:
-            self._drawn_snap, self._drawn_view = snap, view
+        loads = self._loads
+        if snap is not self._drawn_snap or view != self._drawn_view or loads is not self._drawn_loads:
+            self._drawn_snap, self._drawn_view, self._drawn_loads = snap, view, loads
             self.header.show(
                 header_line(
                     snap, now, address=self.address, read_only=self.read_only, link=self.link, metrics=self.metrics
@@ -126,7 +132,7 @@ class DashboardScreen(Screen[None]):
             # Items, not cells: each table formats only the rows it paints (2,048 models, ~40 on screen).
             self.tables["nodes"].sync(node_items(snap, now, needle=needle, sort=self.sorts["nodes"]), node_item_cells)
             self.tables["models"].sync(
-                model_items(snap, now, needle=needle, sort=self.sorts["models"]), model_item_cells
+                model_items(snap, now, needle=needle, sort=self.sorts["models"], loads=loads), model_item_cells
             )
         drawn = self._drawn_requests
         # Under load every redraw would bring a page of new log rows, and rendering table rows is the
@@ -211,5 +217,5 @@ class DashboardScreen(Screen[None]):
             return
         detail = DetailScreen(selection, tz=self.tz)
         if self._snap is not None:
-            detail.show(self._snap, self._now)
+            detail.show(self._snap, self._now, self._loads)
         _ = self.app.push_screen(detail)

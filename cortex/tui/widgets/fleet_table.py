@@ -105,6 +105,12 @@ def column_widths(specs: Sequence[ColumnSpec], width: int, natural: Sequence[int
     return tuple(w + 1 for w in widths)
 
 
+def _label(spec: ColumnSpec, cols: int) -> Text:
+    """A column's header for ``cols`` cells (its gap included): its short label when the full one does not fit."""
+    text = spec.short if spec.short and cell_len(spec.label) > cols - 1 else spec.label
+    return Text(" " + text, justify="right" if spec.right else "left", no_wrap=True)
+
+
 class ToneStyles:
     """A widget's ``tone--*`` component styles for painting cells, cached until its styles change."""
 
@@ -424,8 +430,9 @@ class FleetTable(DataTable[ToneText]):
         if widths == self._widths or len(self.columns) != len(widths):
             return
         self._widths = widths
-        for column, cols in zip(self.ordered_columns, widths, strict=True):
+        for spec, column, cols in zip(self._specs, self.ordered_columns, widths, strict=True):
             column.width = cols
+            column.label = _label(spec, cols)
         self._invalidate()
         self._update_dimensions(())
         self.refresh(layout=True)
@@ -435,8 +442,7 @@ class FleetTable(DataTable[ToneText]):
         self.clear(columns=True)
         self._widths = column_widths(self._specs, width, self._natural)
         for spec, cols in zip(self._specs, self._widths, strict=True):
-            label = Text(" " + spec.label, justify="right" if spec.right else "left", no_wrap=True)
-            self.add_column(label, width=cols, key=spec.key)
+            self.add_column(_label(spec, cols), width=cols, key=spec.key)
         self._append_rows(self._keys)
 
     def _measure_all(self) -> None:
