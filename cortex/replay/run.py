@@ -73,6 +73,9 @@ class ReplayResult:
     """Requests that got an error instead of a lease (queue timeout, unknown or too large a model)."""
     hourly_wait_s: list[float] = field(default_factory=list)
     """Seconds waited by the requests that arrived in each hour of the trace (the sparkline)."""
+    actions: list[tuple[str, str, str]] = field(default_factory=list)
+    """``("load" | "unload", node, model)`` in the order the nodes carried them out (not in :meth:`as_dict`):
+    the decisions themselves, which a test compares with the live engine's."""
 
     def as_dict(self) -> dict[str, Any]:
         """The result as plain JSON values (waits rounded to the millisecond)."""
@@ -94,8 +97,12 @@ class ReplayResult:
 class ReplayNode:
     """An in-memory mistral.rs node with virtual load times (the surface of ``MistralRsClient``)."""
 
-    def __init__(self, spec: NodeSpec, models: dict[str, ModelSpec]) -> None:
+    def __init__(
+        self, spec: NodeSpec, models: dict[str, ModelSpec], actions: list[tuple[str, str, str]] | None = None
+    ) -> None:
         self.spec = spec
+        self.actions = actions if actions is not None else []
+        """Where this node notes each load and unload it carries out (shared by the world's nodes)."""
         self.endpoint = f"replay://{spec.name}"
         self.created: int | None = 1
         self._models = models
@@ -134,6 +141,7 @@ class ReplayNode:
             if model in self.loaded:
                 self.loaded.discard(model)
                 self.unloads += 1
+                self.actions.append(("unload", self.spec.name, model))
             return LifecycleReply("unloaded")
         if model in self.loaded or model in self.loading:
             return LifecycleReply("loaded" if model in self.loaded else "reloading")
@@ -148,6 +156,7 @@ class ReplayNode:
         self.loaded.add(model)
         self.loads += 1
         self.mb_loaded += spec.mb
+        self.actions.append(("load", self.spec.name, model))
         return LifecycleReply("loaded")
 
 
@@ -201,7 +210,8 @@ class _World:
 
     def __init__(self, fleet: FleetSpec, settings: Settings) -> None:
         specs = {m.id: m for m in fleet.models}
-        self.nodes = {n.name: ReplayNode(n, specs) for n in fleet.nodes}
+        self.actions: list[tuple[str, str, str]] = []
+        self.nodes = {n.name: ReplayNode(n, specs, self.actions) for n in fleet.nodes}
         loop = asyncio.get_running_loop()
         self.settings = settings
         self.fleet = Fleet(
@@ -304,6 +314,7 @@ def _result(world: _World, requests: Sequence[Request], fleet: FleetSpec) -> Rep
         lower_bound_loads=lower_bound_loads(world.served, fleet, headroom_mb=world.settings.eviction.headroom_mb),
         failed=world.failed,
         hourly_wait_s=hourly,
+        actions=world.actions,
     )
 
 
