@@ -58,7 +58,9 @@ class WhatIf:
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON-ready data (``GET /admin/whatif``)."""
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["replayed"] = list(data["replayed"])  # as JSON reads back
+        return data
 
 
 class EngineFacade(Protocol):

@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 from pydantic import SecretStr
 
-from cortex.config import GatewaySettings, ModelSettings, NodeSettings, PollSettings, Settings
+from cortex.config import EvictionSettings, GatewaySettings, ModelSettings, NodeSettings, PollSettings, Settings
 from cortex.engine.engine import Engine
 from cortex.proxy.app import serve
 from cortex.replay import FleetSpec, ModelSpec, NodeSpec
@@ -50,6 +50,7 @@ async def live_gateway(tmp_path: Path, *, token: str = "") -> AsyncIterator[Live
             listen="127.0.0.1:0", metrics_listen="", record=str(record), admin_token=SecretStr(token)
         ),
         poll=PollSettings(interval_s=0.2),
+        eviction=EvictionSettings(strategy="lru"),  # the live loads below are lru's, whatever the default
         nodes=[NodeSettings(name="a", endpoint=sim.url, vram_mb=VRAM)],
         models=[ModelSettings(id=m, vram_mb=MB) for m in MODELS],
     )
