@@ -13,11 +13,15 @@ from pathlib import Path
 
 import aiohttp
 
+from cortex.config import Settings
 from cortex.engine.facade import WhatIf
 from cortex.engine.history import Finished, TrafficHistory
 from cortex.engine.metrics import RequestOutcome
 from cortex.engine.state import RequestRecord
 from cortex.remote import RemoteEngine
+from cortex.tui.app import CortexApp
+from cortex.tui.widgets.fleet_table import FleetTable
+from tests.tui.pilots import body_text, finish_whatif, select, whatif_rows
 from tests.tui.traffic import SEQUENCE, drive, live_gateway
 
 TOKEN = "s3cret-admin"
@@ -117,3 +121,28 @@ def test_history_keeps_one_hour_and_counts_loads() -> None:
     now[0] += 3600.0 - 7.0  # the first m1 load leaves the window
     assert history.loads_last_hour() == {"m1": 1, "m2": 1}
     assert history.loads_last_hour() is not counts
+
+
+async def test_attach_console_runs_the_whatif_on_the_gateway(tmp_path: Path) -> None:
+    async with live_gateway(tmp_path, token=TOKEN) as live:
+        await drive(live)
+        async with RemoteEngine(live.url, TOKEN, refresh_s=0.1) as remote:
+            for _ in range(100):
+                if remote.loads_last_hour() and remote.snapshot().model("m1") is not None:
+                    break
+                await asyncio.sleep(0.05)
+            app = CortexApp(remote, Settings(), gateway_url=live.url, clock=remote.clock, attached=True)
+            async with app.run_test(size=(120, 40)) as pilot:
+                await pilot.pause(0.3)
+                table = app.dashboard.query_one("#models", FleetTable)
+                assert table.cell_text(table.keys.index("m1"), "loads") == "2"
+                await select(pilot, "model", "m1")
+                await pilot.press("enter", "w")
+                await finish_whatif(pilot)
+                shown = whatif_rows(body_text(app))
+        direct = await live.engine.whatif()
+    assert direct.live is not None
+    assert shown["live"][:2] == [str(len(SEQUENCE)), str(direct.live.loads)]
+    assert {name: shown[name][1] for name in ("lru", "priority", "cost")} == {
+        r.name: str(r.loads) for r in direct.replayed
+    }

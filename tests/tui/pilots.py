@@ -1,10 +1,11 @@
-"""Helpers for pilot tests: collected messages, selecting a row, letting commands finish."""
+"""Helpers for pilot tests: collected messages, selecting a row, letting commands and the what-if finish."""
 
 from __future__ import annotations
 
 from textual.message import Message
 from textual.notifications import Notification, Notify
 from textual.pilot import Pilot
+from textual.widgets import Static
 
 from cortex.tui.app import CortexApp
 from cortex.tui.render import Selection
@@ -39,4 +40,29 @@ async def settle(pilot: Pilot[int]) -> None:
     pending = [w for w in pilot.app.workers if w.group == "commands"]
     if pending:  # an empty list would mean "every worker", the event stream included
         await pilot.app.workers.wait_for_complete(pending)
+    await pilot.pause()
+
+
+def body_text(app: CortexApp) -> str:
+    return str(app.screen.query_one("#body", Static).render())
+
+
+def whatif_rows(text: str) -> dict[str, list[str]]:
+    """The what-if block's rows by their first word, figures after the label."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["requests", "loads"])
+    rows: dict[str, list[str]] = {}
+    for line in lines[start + 1 :]:
+        if line.strip().startswith("replays start"):
+            break
+        words = line.split()
+        skip = 2 if len(words) > 1 and words[1].startswith("(") else 1  # "live (lru)", "lru (now)"
+        rows[words[0]] = words[skip:]
+    return rows
+
+
+async def finish_whatif(pilot: Pilot[int]) -> None:
+    running = [w for w in pilot.app.workers if w.group == "whatif"]
+    if running:  # an empty list would mean every worker, the endless event stream included
+        await pilot.app.workers.wait_for_complete(running)
     await pilot.pause()

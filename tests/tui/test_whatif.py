@@ -11,9 +11,6 @@ import asyncio
 import json
 from pathlib import Path
 
-from textual.pilot import Pilot
-from textual.widgets import Static
-
 from cortex.config import TuiSettings
 from cortex.replay import STRATEGIES, read_trace, replay_all
 from cortex.replay.run import quantile
@@ -23,38 +20,13 @@ from cortex.tui.messages import WhatIfFinished
 from cortex.tui.screens.detail import DetailScreen
 from cortex.tui.widgets.fleet_table import FleetTable
 from tests.tui.fakes import LOADS, PHI, FakeEngine, build_app
-from tests.tui.pilots import Messages, select
+from tests.tui.pilots import Messages, body_text, finish_whatif, select, whatif_rows
 from tests.tui.traffic import SEQUENCE, drive, hand_fleet, live_gateway
-
-
-def body_text(app: CortexApp) -> str:
-    return str(app.screen.query_one("#body", Static).render())
-
-
-def whatif_rows(text: str) -> dict[str, list[str]]:
-    """The what-if block's rows by their first word, figures after the label."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["requests", "loads"])
-    rows: dict[str, list[str]] = {}
-    for line in lines[start + 1 :]:
-        if line.strip().startswith("replays start"):
-            break
-        words = line.split()
-        skip = 2 if len(words) > 1 and words[1].startswith("(") else 1  # "live (lru)", "lru (now)"
-        rows[words[0]] = words[skip:]
-    return rows
 
 
 def loads_column(app: CortexApp) -> dict[str, str]:
     table = app.dashboard.query_one("#models", FleetTable)
     return {key: table.cell_text(i, "loads") for i, key in enumerate(table.keys)}
-
-
-async def finish_whatif(pilot: Pilot[int]) -> None:
-    running = [w for w in pilot.app.workers if w.group == "whatif"]
-    if running:  # an empty list would mean every worker, the endless event stream included
-        await pilot.app.workers.wait_for_complete(running)
-    await pilot.pause()
 
 
 async def test_the_models_table_shows_the_engines_loads_of_the_last_hour(engine: FakeEngine) -> None:
