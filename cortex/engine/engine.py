@@ -2,8 +2,8 @@
 
 It is an async context manager because it owns resources (one ``ClientSession``, background tasks) and
 whoever starts a resource stops it. Front ends see the facade (:meth:`snapshot`, :meth:`subscribe`,
-:meth:`submit`); the gateway also uses the request-path methods (:meth:`resolve`, :meth:`acquire`,
-:meth:`record`) and :attr:`session` to stream to nodes.
+:meth:`submit`, and the last hour's :meth:`loads_last_hour` and :meth:`whatif`); the gateway also uses the
+request-path methods (:meth:`resolve`, :meth:`acquire`, :meth:`record`) and :attr:`session` to stream to nodes.
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ class Engine:
         """Feed the history with the loads cortex carries out (a poll's sighting has no ``seconds``)."""
         async for event in self.bus.subscribe(requests=False):
             if isinstance(event, ModelLoaded) and event.seconds is not None:
-                self.history.add_load(event.at, event.model, event.seconds)
+                self.history.add_load(self.clock(), event.model, event.seconds)
 
     def _agents_changed(self) -> None:
         if self._fleet is not None:
