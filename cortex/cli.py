@@ -233,7 +233,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _serve(args: argparse.Namespace, settings: Settings, path: Path | None) -> int:
-    from cortex.runtime import configure_logging, run, state_dir
+    from cortex.runtime import configure_logging, loop_factory, run, state_dir
 
     if not settings.nodes and not args.demo:
         print(f"cortex: {NO_NODES}", file=sys.stderr)
@@ -243,16 +243,22 @@ def _serve(args: argparse.Namespace, settings: Settings, path: Path | None) -> i
         fmt=args.log_format, verbose=args.verbose, to_file=None if headless else state_dir() / "cortex.log"
     )
     try:
-        return asyncio.run(
-            run(
-                settings,
-                headless=headless,
-                read_only=args.read_only,
-                demo=args.demo,
-                config_path=path.resolve() if path else None,
-                log_requests=headless and args.log_format == "json",
+        factory = loop_factory(settings.gateway.event_loop)
+    except ImportError:
+        print('cortex: gateway.event_loop = "uvloop": uvloop is not installed (pip install uvloop)', file=sys.stderr)
+        return 2
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(
+                run(
+                    settings,
+                    headless=headless,
+                    read_only=args.read_only,
+                    demo=args.demo,
+                    config_path=path.resolve() if path else None,
+                    log_requests=headless and args.log_format == "json",
+                )
             )
-        )
     except KeyboardInterrupt:
         return 130
     except ListenError as exc:

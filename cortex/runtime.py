@@ -56,6 +56,23 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop factory for ``gateway.event_loop``; None for the standard library's loop.
+
+    Raises:
+        ImportError: ``uvloop`` was asked for by name and is not installed.
+    """
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    return uvloop.new_event_loop
+
+
 def state_dir() -> Path:
     """``$XDG_STATE_HOME/cortex`` (``~/.local/state/cortex``)."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")

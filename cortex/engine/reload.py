@@ -46,6 +46,7 @@ RESTART_KEYS = (
     "gateway.max_connections",
     "gateway.header_timeout_s",
     "gateway.keepalive_timeout_s",
+    "gateway.event_loop",
     "gateway.record",
     "gateway.record_max_mb",
 )

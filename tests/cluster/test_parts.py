@@ -116,7 +116,7 @@ def test_status_and_console_show_gateways_and_lease_holders() -> None:
     assert "gw-b (token 7)" in text
     header = "".join(span for span, _ in header_line(snap, 100.0, address="", read_only=False))
     assert "cluster gw-a + gw-b" in header
-    (_, cells), = node_rows(snap, 100.0)
+    ((_, cells),) = node_rows(snap, 100.0)
     assert "".join(text for text, _ in cells[1]) == "up @gw-b"
     down = "".join(span for span, _ in header_line(_snapshot(False), 100.0, address="", read_only=False))
     assert "redis down: read-only" in down

@@ -1,0 +1,509 @@
+"""The client connection: cortex's own HTTP/1.1 front for the hot routes, aiohttp's server for the rest.
+
+aiohttp's server costs about 55 µs of CPU per request on its own (parser callbacks, a ``BaseRequest``,
+the router, middlewares, a per-connection task loop) — more than a third of a whole proxied request. The
+inference routes (``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``) make almost all
+of the traffic and have the simplest shape, so :class:`ClientProtocol` serves them itself: one pass over
+the request head (a compiled pattern, no per-header Python), a :class:`FastRequest` with just what the
+handlers read, the handler run as a task, and a whole ``web.Response`` written as one buffer. Streams use
+aiohttp's own ``StreamResponse`` and ``StreamWriter`` on this protocol, so the handlers are the same code
+for both fronts.
+
+Anything else — another route or method, HTTP/1.0, a chunked or ``Expect`` body, a body over
+:data:`FAST_BODY_MAX`, a head with non-ASCII bytes, an obsolete line fold or anything unusual — hands
+the connection, with the bytes already read, to aiohttp's protocol for good: the fast front never has to
+be right about a case it does not know. The connection admission and the first head's deadline (the
+slowloris guard) stay in front of both.
+
+What the front keeps of aiohttp's server: a client that hangs up cancels its handler; a stalled body is
+answered by the handler (``read_capped``'s idle timeout) in the client's dialect; idle keep-alive
+connections close after ``gateway.keepalive_timeout_s``; a request that arrives while one is being answered
+waits its turn (pipelining); a shutdown lets in-flight requests finish for up to ``gateway.drain_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from typing import TYPE_CHECKING, cast
+
+from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
+from aiohttp.http_writer import StreamWriter
+from multidict import CIMultiDict, CIMultiDictProxy
+
+if TYPE_CHECKING:
+    from aiohttp.abc import AbstractStreamWriter
+
+__all__ = ["FAST_BODY_MAX", "ClientProtocol", "Connections", "FastRequest", "Handler"]
+
+log = logging.getLogger("cortex.proxy.app")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+FAST_BODY_MAX = 256 * 1024
+"""Largest body the fast front takes (it holds the whole body before the handler reads it); above, aiohttp."""
+_HEAD_MAX = 16 * 1024
+"""A head longer than this goes to aiohttp, which applies its own limits and answers 431 or 400."""
+_PIPELINE_MAX = FAST_BODY_MAX + _HEAD_MAX
+"""Bytes buffered while a request is answered before reading pauses (a client pipelining hard)."""
+
+# A header block of RFC 9110 tokens and visible-ASCII values (HTAB and SP inside), each line CRLF-ended.
+_FIELD = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[ \t]*(?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?[ \t]*\r\n"
+_BLOCK = re.compile(rb"(?:" + _FIELD + rb")*")
+_PAIR = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?)[ \t]*\r\n")
+
+_BUSY_BODY = (
+    b'{"error": {"message": "the gateway has too many open connections; retry shortly", '
+    b'"type": "server_error", "param": null, "code": "too_many_connections"}}'
+)
+BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY
+)
+LATE = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+_PLAIN = ("Transfer-Encoding", "Expect", "Upgrade", "Content-Encoding")
+"""Headers that send a request to aiohttp (a chunked, continued, upgraded or compressed body; aiohttp
+decompresses and bounds an encoded one)."""
+_SKIP = frozenset(("content-length", "transfer-encoding", "connection", "date", "server"))
+_SERVER = SERVER_SOFTWARE.encode()
+
+
+class _Date:
+    """The ``Date`` header value, formatted once per second."""
+
+    second = 0
+    value = b""
+
+    @classmethod
+    def now(cls) -> bytes:
+        second = int(time.time())
+        if second != cls.second:
+            cls.second = second
+            cls.value = formatdate(second, usegmt=True).encode()
+        return cls.value
+
+
+class Connections:
+    """The client connections of one gateway: admission, deadlines, and the fast front's drain.
+
+    Shared by its listening sockets (the API's and the metrics'), so ``gateway.max_connections`` counts
+    them all.
+    """
+
+    def __init__(self, max_connections: int, header_timeout_s: float, keepalive_timeout_s: float) -> None:
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.open = 0
+        self.refused = 0
+        """Connections refused in the current episode of being full (0 when not full)."""
+        self.fast: set[ClientProtocol] = set()
+        """Connections the fast front still serves (not handed to aiohttp)."""
+        self.closing = False
+        self.served = 0
+        """Requests the fast front has taken (tests and benchmarks read it)."""
+
+    def admit(self) -> bool:
+        """Count one more connection, or refuse it (logging once when an episode of refusals starts)."""
+        if self.open < self.max_connections and not self.closing:
+            self.open += 1
+            return True
+        if self.refused == 0 and not self.closing:
+            log.warning(
+                "gateway: %d client connections open (gateway.max_connections): refusing new ones with 503",
+                self.open,
+            )
+        self.refused += 1
+        return False
+
+    def release(self) -> None:
+        """One connection fewer."""
+        self.open -= 1
+        if self.refused and self.open < self.max_connections * 0.9:
+            if not self.closing:
+                log.info("gateway: accepting connections again (%d refused while full)", self.refused)
+            self.refused = 0
+
+    async def drain(self, within_s: float) -> None:
+        """Stop taking requests on the fast front; let those in flight finish for up to ``within_s``."""
+        self.closing = True
+        for conn in list(self.fast):
+            conn.close_when_idle()
+        deadline = time.monotonic() + within_s
+        while self.fast and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.fast):
+            conn.abort()
+
+
+class _Body:
+    """The request body as ``read_capped`` reads it (``is_eof``, ``read_nowait``, ``readany``)."""
+
+    __slots__ = ("_data", "_done", "_waiter")
+
+    def __init__(self, data: bytes, done: bool) -> None:
+        self._data = data
+        self._done = done
+        self._waiter: asyncio.Future[None] | None = None
+
+    def is_eof(self) -> bool:
+        return self._done
+
+    def read_nowait(self) -> bytes:
+        data, self._data = self._data, b""
+        return data
+
+    async def readany(self) -> bytes:
+        while not self._data:
+            if self._done:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self.read_nowait()
+
+    def feed(self, data: bytes, done: bool) -> None:
+        self._data += data
+        self._done = done
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class FastRequest:
+    """What the inference handlers read of a request (aiohttp's ``web.Request`` surface they use).
+
+    ``_payload_writer`` and ``_prepare_hook`` are what aiohttp's ``StreamResponse.prepare`` asks of a
+    request, so a handler's stream is written by aiohttp's own writer on :class:`ClientProtocol`.
+    """
+
+    __slots__ = ("_protocol", "_writer", "content", "content_length", "headers", "keep_alive", "method", "path")
+
+    version = HttpVersion11
+
+    def __init__(
+        self,
+        protocol: ClientProtocol,
+        path: str,
+        headers: CIMultiDictProxy[str],
+        length: int,
+        content: _Body,
+        keep_alive: bool,
+    ) -> None:
+        self._protocol = protocol
+        self._writer: StreamWriter | None = None
+        self.method = "POST"
+        self.path = path
+        self.headers = headers
+        self.content_length = length
+        self.content = content
+        self.keep_alive = keep_alive
+
+    @property
+    def _payload_writer(self) -> AbstractStreamWriter:
+        if self._writer is None:
+            self._writer = StreamWriter(self._protocol, self._protocol.loop)
+        return self._writer
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        return None
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._protocol.transport
+
+
+def serialize(resp: web.Response, keep_alive: bool) -> bytes | None:
+    """A whole ``web.Response`` as bytes, or None when it needs aiohttp's writer (a payload, compression)."""
+    body = resp.body
+    if not isinstance(body, bytes) or resp._compression or resp.cookies or resp.chunked:
+        return None
+    lines = [b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason.encode("latin-1"))]
+    for name, value in resp.headers.items():
+        if name.lower() in _SKIP:
+            continue
+        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+            raise ValueError(f"newline in the {name!r} response header")
+        lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+    lines.append(b"Content-Length: %d\r\nDate: %s\r\nServer: %s\r\n" % (len(body), _Date.now(), _SERVER))
+    if not keep_alive:
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    lines.append(body)
+    return b"".join(lines)
+
+
+class ClientProtocol(BaseProtocol):
+    """One client connection: the fast front for ``routes``, else aiohttp's protocol (see the module doc)."""
+
+    __slots__ = (
+        "_buf",
+        "_carry",
+        "_conns",
+        "_factory",
+        "_idle",
+        "_inner",
+        "_keepalive",
+        "_pending",
+        "_request",
+        "_routes",
+        "_task",
+        "_timer",
+        "loop",
+    )
+
+    def __init__(self, factory: web.Server, conns: Connections, routes: dict[bytes, Handler]) -> None:
+        loop = asyncio.get_running_loop()
+        super().__init__(loop)
+        self.loop = loop
+        self._factory = factory
+        self._conns = conns
+        self._routes = routes
+        self._inner: asyncio.Protocol | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._carry = b""
+        self._buf = bytearray()
+        self._task: asyncio.Task[None] | None = None
+        self._request: FastRequest | None = None
+        self._pending = 0
+        """Body bytes the request being read still lacks."""
+        self._keepalive = True
+        self._idle = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tr = cast(asyncio.Transport, transport)
+        if not self._conns.admit():
+            tr.write(BUSY)
+            tr.close()
+            return
+        super().connection_made(tr)
+        self._timer = self.loop.call_later(self._conns.header_timeout_s, self._head_late)
+        if self._routes and not self._conns.closing:
+            self._conns.fast.add(self)
+        else:
+            self._hand_over()
+
+    def data_received(self, data: bytes) -> None:
+        inner = self._inner
+        if inner is not None:
+            if self._timer is not None:  # aiohttp's: the first head's deadline until its end is seen
+                seen = self._carry + data
+                if b"\n\n" in seen or b"\n\r\n" in seen:
+                    self._cancel_timer()
+                    self._carry = b""
+                else:
+                    self._carry = seen[-2:]
+            inner.data_received(data)
+            return
+        if self.transport is None:
+            return
+        if self._pending:
+            self._body_part(data)
+            return
+        self._buf += data
+        if self._task is None:
+            self._next()
+        elif len(self._buf) > _PIPELINE_MAX and self.transport is not None:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        if self._inner is not None:
+            return self._inner.eof_received()
+        return None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.transport is None and self._inner is None:
+            return  # refused at admission
+        self._cancel_timer()
+        self._conns.release()
+        self._conns.fast.discard(self)
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.connection_lost(exc if isinstance(exc, Exception) else None)
+            return
+        super().connection_lost(exc)
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()  # the client hung up: its handler stops and releases its lease
+        request, self._request = self._request, None
+        if request is not None:
+            request.content.feed(b"", True)
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+        else:
+            super().pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+        else:
+            super().resume_writing()
+
+    # -- the fast front ---------------------------------------------------------------------------
+
+    def close_when_idle(self) -> None:
+        """A shutdown: close now if no request is being answered, else after it."""
+        self._keepalive = False
+        if self._task is None and self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """The drain time is over: drop the connection (its handler is cancelled)."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _next(self) -> None:
+        """Parse the next request in the buffer, if its head is complete."""
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > _HEAD_MAX or b"\n\n" in buf or b"\n\r\n" in buf:
+                self._hand_over()  # oversized, or LF-only line ends: aiohttp's parser decides
+            return
+        head = bytes(buf[: end + 2])
+        parsed = self._parse(head)
+        if parsed is None:
+            self._hand_over()
+            return
+        handler, path, headers, length, keep_alive = parsed
+        self._cancel_timer()
+        start = end + 4
+        body = bytes(buf[start : start + length])
+        del buf[: start + len(body)]
+        self._pending = length - len(body)
+        content = _Body(body, self._pending == 0)
+        request = FastRequest(self, path, headers, length, content, keep_alive and self._keepalive)
+        self._request = request
+        self._conns.served += 1
+        self._task = self.loop.create_task(self._serve(handler, request))
+
+    def _parse(self, head: bytes) -> tuple[Handler, str, CIMultiDictProxy[str], int, bool] | None:
+        """The request's route and facts, or None for anything the fast front does not take."""
+        if not head.isascii():
+            return None
+        line_end = head.find(b"\r\n")
+        parts = head[:line_end].split(b" ")
+        if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
+            return None
+        handler = self._routes.get(parts[1])
+        if handler is None:
+            return None
+        block = head[line_end + 2 :]
+        if _BLOCK.fullmatch(block) is None:
+            return None
+        headers = CIMultiDict([(k.decode(), v.decode()) for k, v in _PAIR.findall(block)])
+        lengths = headers.getall("Content-Length", ())
+        if len(lengths) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 12:
+            return None
+        length = int(lengths[0])
+        if length > FAST_BODY_MAX or any(name in headers for name in _PLAIN):
+            return None
+        keep_alive = True
+        connection = headers.get("Connection")
+        if connection is not None:
+            tokens = connection.lower()
+            if "upgrade" in tokens:
+                return None
+            keep_alive = "close" not in tokens
+        return handler, parts[1].decode(), CIMultiDictProxy(headers), length, keep_alive
+
+    def _body_part(self, data: bytes) -> None:
+        request = self._request
+        take = min(self._pending, len(data))
+        self._pending -= take
+        if request is not None:
+            request.content.feed(data[:take], self._pending == 0)
+        if take < len(data):
+            self._buf += data[take:]
+            if len(self._buf) > _PIPELINE_MAX and self.transport is not None:
+                self.transport.pause_reading()
+
+    async def _serve(self, handler: Handler, request: FastRequest) -> None:
+        keep_alive = False
+        try:
+            resp = await handler(cast(web.Request, request))
+            keep_alive = await self._finish(request, resp)
+        except asyncio.CancelledError:
+            return  # the client hung up
+        except ConnectionError:
+            pass  # the client went away mid-answer (aiohttp's writer raises a ConnectionError subclass)
+        except Exception:
+            log.exception("gateway: internal error answering %s", request.path)
+            if request._writer is None and self.transport is not None:
+                self.transport.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+        finally:
+            self._task = None
+            self._request = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not keep_alive or self._pending or not self._keepalive:
+            transport.close()  # an unread body (refused before it came) or a client that asked for it
+            return
+        if len(self._buf) <= _PIPELINE_MAX:
+            transport.resume_reading()
+        self._timer = self.loop.call_later(self._conns.keepalive_timeout_s, self._idle_out)
+        if self._buf:
+            self._next()
+
+    async def _finish(self, request: FastRequest, resp: web.StreamResponse) -> bool:
+        """Send what the handler returned; whether the connection may carry another request."""
+        transport = self.transport
+        if resp.status == 499 or transport is None:  # counted() for a client that hung up mid-answer
+            return False
+        keep_alive = request.keep_alive and self._keepalive
+        if not resp.prepared and type(resp) is web.Response:
+            data = serialize(resp, keep_alive)
+            if data is not None:
+                transport.write(data)
+                return keep_alive
+        if not keep_alive:
+            resp.force_close()
+        await resp.prepare(cast(web.Request, request))
+        await resp.write_eof()
+        return keep_alive and resp.keep_alive is not False
+
+    def _idle_out(self) -> None:
+        # No complete request since the last answer (a partial head does not keep the connection).
+        self._timer = None
+        if self._task is None and self.transport is not None:
+            self.transport.close()
+
+    # -- aiohttp's protocol -----------------------------------------------------------------------
+
+    def _hand_over(self) -> None:
+        """Give the connection, with what was read so far, to aiohttp's protocol for good."""
+        self._conns.fast.discard(self)
+        transport = self.transport
+        if transport is None:
+            return
+        inner = self._factory()
+        self._inner = inner
+        inner.connection_made(transport)
+        data, self._buf = bytes(self._buf), bytearray()
+        if data:
+            self.data_received(data)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _head_late(self) -> None:
+        self._timer = None
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            log.debug("gateway: closed a connection that sent no complete request head within the limit")
+            with contextlib.suppress(RuntimeError):
+                transport.write(LATE)
+            transport.close()

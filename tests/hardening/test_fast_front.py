@@ -1,0 +1,174 @@
+"""cortex's own HTTP/1.1 front (``cortex/proxy/fast.py``): what it takes, what it hands to aiohttp, and how.
+
+Every request here goes over a raw socket, so the bytes are exactly the test's. ``Connections.served``
+counts the requests the fast front took: each test checks both the answer and which front gave it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+
+from cortex.proxy.fast import FAST_BODY_MAX
+from cortex.sim import SimModel, SimNode
+from tests.hardening.conftest import WAIT_S, Gateway, GatewayFactory, wait_until
+from tests.hardening.rawhttp import Reply, read_reply, request_bytes
+
+CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
+
+
+def served(gw: Gateway) -> int:
+    conns = gw.servers.connections
+    assert conns is not None
+    return conns.served
+
+
+def keep_alive(raw: bytes) -> bytes:
+    return raw.replace(b"Connection: close\r\n", b"")
+
+
+async def replies(reader: asyncio.StreamReader, count: int) -> list[Reply]:
+    return [await asyncio.wait_for(read_reply(reader), WAIT_S) for _ in range(count)]
+
+
+def chat_ok(reply: Reply) -> None:
+    assert reply.status == 200, reply.body
+    assert reply.json()["usage"]["completion_tokens"] >= 1
+
+
+async def test_keepalive_pipelining_then_another_route(sim: SimNode, gateway: GatewayFactory) -> None:
+    """Three chat requests written at once come back in order on one connection; a GET on the same
+    connection hands it to aiohttp, which serves it and what follows."""
+    gw = await gateway(sim.url)
+    before = served(gw)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        ids = [f"req-{i}".encode() for i in range(3)]
+        chat = "/v1/chat/completions"
+        writer.write(b"".join(keep_alive(request_bytes(chat, CHAT, [(b"x-request-id", i)])) for i in ids))
+        got = await replies(reader, 3)
+        for reply, rid in zip(got, ids, strict=True):
+            chat_ok(reply)
+            assert reply.headers["x-request-id"] == rid.decode()  # in order, each its own
+        assert served(gw) == before + 3
+        writer.write(keep_alive(request_bytes("/v1/models", method=b"GET", length=False)))
+        (models,) = await replies(reader, 1)
+        assert models.status == 200
+        assert models.json()["data"][0]["id"] == "m"
+        writer.write(request_bytes("/v1/chat/completions", CHAT))
+        (last,) = await replies(reader, 1)
+        chat_ok(last)
+        assert served(gw) == before + 3, "after the hand-over aiohttp serves the connection"
+        assert await asyncio.wait_for(reader.read(), WAIT_S) == b"", "Connection: close was honoured"
+    finally:
+        writer.transport.abort()
+    await gw.settled()
+
+
+async def test_a_body_in_pieces(sim: SimNode, gateway: GatewayFactory) -> None:
+    gw = await gateway(sim.url)
+    before = served(gw)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        raw = request_bytes("/v1/chat/completions", CHAT)
+        cut = raw.index(b"\r\n\r\n") + 4
+        for piece in (raw[: cut - 3], raw[cut - 3 : cut + 5], raw[cut + 5 : cut + 20], raw[cut + 20 :]):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        (reply,) = await replies(reader, 1)
+        chat_ok(reply)
+        assert reply.headers.get("connection") == "close"
+    finally:
+        writer.transport.abort()
+    assert served(gw) == before + 1
+
+
+async def test_unusual_requests_are_aiohttps(sim: SimNode, gateway: GatewayFactory) -> None:
+    """HTTP/1.0, a chunked body, ``Expect``, a compressed body, a body over the fast limit, a query string,
+    each is answered correctly, by aiohttp."""
+    gw = await gateway(sim.url)
+    path = "/v1/chat/completions"
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(CHAT), CHAT)
+    big = CHAT + b" " * (FAST_BODY_MAX + 10)  # JSON may end in whitespace: big, and still a short prompt
+    cases = {
+        "http/1.0": request_bytes(path, CHAT).replace(b"HTTP/1.1", b"HTTP/1.0"),
+        "chunked": request_bytes(path, chunked, [(b"Transfer-Encoding", b"chunked")]),
+        "gzip": request_bytes(path, gzip.compress(CHAT), [(b"Content-Encoding", b"gzip")]),
+        "big": request_bytes(path, big),
+        "query": request_bytes(path + "?x=1", CHAT),
+    }
+    before = served(gw)
+    for name, raw in cases.items():
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(raw)
+            (reply,) = await replies(reader, 1)
+            assert reply.status == 200, (name, reply.body)
+        finally:
+            writer.transport.abort()
+    expect = request_bytes(path, CHAT, [(b"Expect", b"100-continue")])
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        head = expect[: expect.index(b"\r\n\r\n") + 4]
+        writer.write(head)
+        cont = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_S)
+        assert cont.startswith(b"HTTP/1.1 100")
+        writer.write(CHAT)
+        (reply,) = await replies(reader, 1)
+        assert reply.status == 200
+    finally:
+        writer.transport.abort()
+    assert served(gw) == before, "none of these went through the fast front"
+    await gw.settled()
+
+
+async def test_errors_keep_the_dialect_and_the_connection(sim: SimNode, gateway: GatewayFactory) -> None:
+    """A 400 and a 404 from the fast front are OpenAI envelopes, and the connection carries on."""
+    gw = await gateway(sim.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        bad = keep_alive(request_bytes("/v1/chat/completions", b"{not json"))
+        unknown = keep_alive(request_bytes("/v1/chat/completions", CHAT.replace(b'"m"', b'"nope"')))
+        writer.write(bad + unknown + request_bytes("/v1/chat/completions", CHAT))
+        first, second, third = await replies(reader, 3)
+        assert first.status == 400
+        assert "not valid JSON" in first.json()["error"]["message"]
+        assert second.status == 404
+        assert second.json()["error"]["code"] == "model_not_found"
+        chat_ok(third)
+    finally:
+        writer.transport.abort()
+
+
+async def test_a_client_that_hangs_up_releases_its_lease(gateway: GatewayFactory) -> None:
+    """A non-streaming request waiting on a slow answer: the client leaves, the handler is cancelled and
+    the lease comes back long before the node would have answered."""
+    node = SimNode([SimModel("m", 1000)], name="n1", vram_mb=8192, load_s=0.01, tok_s=2.0)
+    await node.start()
+    try:
+        gw = await gateway(node.url, first_byte_timeout_s=30.0, stream_idle_timeout_s=30.0)
+        slow = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40})
+        _reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(request_bytes("/v1/chat/completions", slow.encode()))
+        await wait_until(lambda: gw.in_flight() == 1, "the request holds a lease")
+        writer.transport.abort()
+        await gw.settled()  # within WAIT_S; the node needs 20 s for 40 tokens
+    finally:
+        await node.stop()
+
+
+async def test_an_idle_connection_after_an_answer_is_closed(sim: SimNode, gateway: GatewayFactory) -> None:
+    """After an answer the connection has ``keepalive_timeout_s`` for a whole head; a partial one does not
+    keep it open."""
+    gw = await gateway(sim.url, keepalive_timeout_s=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(keep_alive(request_bytes("/v1/chat/completions", CHAT)))
+        (reply,) = await replies(reader, 1)
+        chat_ok(reply)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+        assert await asyncio.wait_for(reader.read(), WAIT_S) == b""
+    finally:
+        writer.transport.abort()
