@@ -273,9 +273,24 @@ def sim_argv(
 
 
 def cortex_config(
-    path: Path, *, port: int, metrics_port: int, nodes: Sequence[tuple[str, int, Sequence[str]]], extra: str = ""
+    path: Path,
+    *,
+    port: int,
+    metrics_port: int,
+    nodes: Sequence[tuple[str, int, Sequence[str]]],
+    extra: str = "",
+    gateway: Sequence[str] = (),
 ) -> None:
-    """Write a cortex TOML for benchmarks: loopback listeners, poll every 2 s, ``nodes`` as (name, port, pins)."""
+    """Write a cortex TOML for benchmarks: loopback listeners, poll every 2 s, ``nodes`` as (name, port, pins).
+
+    Args:
+        path: Where to write the file.
+        port: The gateway's listen port.
+        metrics_port: The metrics listener's port.
+        nodes: (name, port, pinned models) of each node.
+        extra: TOML appended after ``[poll]``, with its own table headers (``[eviction]`` ...).
+        gateway: Lines added under ``[gateway]`` (``event_loop = "asyncio"`` ...).
+    """
     lines = [
         "[gateway]",
         f'listen = "127.0.0.1:{port}"',
@@ -285,6 +300,7 @@ def cortex_config(
         "stream_idle_timeout_s = 120",
         "queue_timeout_s = 120",
         "max_queue = 4096",
+        *gateway,
         "[poll]",
         "interval_s = 2.0",
         "timeout_s = 2.0",

@@ -1,10 +1,12 @@
 """The floor for a Python proxy on aiohttp: a pass-through with one shared ClientSession and no parsing.
 
-``python bench/minimal_proxy.py --route 127.0.0.1:8001=http://127.0.0.1:9001 [--route ...]`` serves each
-LISTEN address as a plain reverse proxy of its UPSTREAM (several routes share one session). Bodies are read
-whole and sent on; answers are streamed back chunk by chunk as they arrive (``iter_any``). It does what
-any proxy must (drop hop-by-hop headers, 502 when the upstream is unreachable) and nothing else, so the
-benchmark can quote cortex as a multiple of it. Runs until SIGTERM or SIGINT.
+``python bench/minimal_proxy.py [--uvloop] --route 127.0.0.1:8001=http://127.0.0.1:9001 [--route ...]``
+serves each LISTEN address as a plain reverse proxy of its UPSTREAM (several routes share one session).
+Bodies are read whole and sent on; answers are streamed back chunk by chunk as they arrive (``iter_any``).
+It does what any proxy must (drop hop-by-hop headers, 502 when the upstream is unreachable) and nothing
+else, so the benchmark can quote cortex as a multiple of it. ``--uvloop`` runs the very same code on
+uvloop's event loop instead of the standard library's, since cortex itself runs on uvloop by default: the
+floor is then quoted for both loops. Runs until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -77,4 +80,12 @@ async def main(routes: list[str]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--route", action="append", required=True, metavar="HOST:PORT=UPSTREAM_URL")
-    asyncio.run(main(parser.parse_args().route))
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop's event loop (the default is asyncio's)")
+    args = parser.parse_args()
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if args.uvloop:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main(args.route))
