@@ -9,6 +9,7 @@ asyncio, cortex, prometheus, the rest).
 ::
 
     python bench/profile.py [--requests 20000] [--rate 250] [--top 25] [--cortex-src DIR] [--folded OUT]
+    python bench/profile.py --stream --requests 6000     # CPU per streamed chunk (6,000 chunks in 12 streams)
 
 Needs ``py-spy`` (``pip install py-spy``) and permission to ptrace the child (root, or
 ``kernel.yama.ptrace_scope = 0``). Every process it starts is stopped in ``finally``.
@@ -103,6 +104,9 @@ def main() -> int:
     parser.add_argument("--cortex-src", type=Path, help="run cortex from this copy of the source tree")
     parser.add_argument("--folded", type=Path, help="keep py-spy's folded stacks here")
     parser.add_argument("--pythonpath", help="prepend this to cortex's PYTHONPATH (a sitecustomize, say)")
+    parser.add_argument(
+        "--stream", action="store_true", help="streamed chunks instead: 2 streams at a time of 500 chunks at 500/s"
+    )
     args = parser.parse_args()
     spy = shutil.which("py-spy")
     if spy is None:
@@ -113,7 +117,7 @@ def main() -> int:
     folded = args.folded or tmp / "profile.folded"
     with Procs(tmp) as procs:
         sport, cport, mport = free_port(), free_port(), free_port()
-        procs.start("sim", sim_argv(sport, "sim-fast", models=[f"{MODEL}=4096"]))
+        procs.start("sim", sim_argv(sport, "sim-fast", models=[f"{MODEL}=4096"], tok_s=500.0 if args.stream else 0.0))
         wait_for(lambda: http("GET", f"http://127.0.0.1:{sport}/health", timeout=1)[0] == 200, 30, "sim")
         conf = tmp / "cortex.toml"
         cortex_config(conf, port=cport, metrics_port=mport, nodes=[("sim-fast", sport, [MODEL])])
@@ -136,10 +140,27 @@ def main() -> int:
             "warmup": 200,
             "pids": [cortex.pid],
         }
-        warm = tmp / "warm.json"
-        warm.write_text(json.dumps(job))
-        subprocess.run([PY, str(BENCH / "loadgen.py"), str(warm)], check=True, capture_output=True, timeout=120)
-        job["requests"] = args.requests
+        if args.stream:
+            body = json.loads(BODY) | {"max_tokens": 500, "stream": True}
+            job = {
+                "mode": "stream",
+                "target": "cortex",
+                "url": f"http://127.0.0.1:{cport}/v1/chat/completions",
+                "body": json.dumps(body),
+                "warm_body": json.dumps(body | {"max_tokens": 10}),
+                "marker": "data:",
+                "done": "[DONE]",
+                "expect_events": None,
+                "concurrency": 2,
+                "streams": max(2, args.requests // 500),
+                "warmup": 2,
+                "pids": [cortex.pid],
+            }
+        else:
+            warm = tmp / "warm.json"
+            warm.write_text(json.dumps(job))
+            subprocess.run([PY, str(BENCH / "loadgen.py"), str(warm)], check=True, capture_output=True, timeout=120)
+            job["requests"] = args.requests
         main_job = tmp / "job.json"
         main_job.write_text(json.dumps(job))
         rec = procs.start(
@@ -155,8 +176,12 @@ def main() -> int:
         rec.stop(sig=2, timeout=20)  # SIGINT: py-spy writes its output and exits
         result = json.loads(done.stdout.strip().splitlines()[-1])
     cpu = result.get("cpu_s", 0.0)
-    reqs = result.get("requests", args.requests)
-    print(f"{reqs} requests in {wall:.1f} s; cortex CPU {1e6 * cpu / max(reqs, 1):.1f} µs per request")
+    if args.stream:
+        events = result.get("events", 0)
+        print(f"{events} streamed events in {wall:.1f} s; cortex CPU {1e6 * cpu / max(events, 1):.1f} µs per chunk")
+    else:
+        reqs = result.get("requests", args.requests)
+        print(f"{reqs} requests in {wall:.1f} s; cortex CPU {1e6 * cpu / max(reqs, 1):.1f} µs per request")
     print(summarise(folded, args.top))
     if args.folded is None:
         shutil.rmtree(tmp, ignore_errors=True)

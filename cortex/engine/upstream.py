@@ -36,7 +36,7 @@ import select
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -82,6 +82,7 @@ class UpstreamResponse:
         "_eof",
         "_error",
         "_poked",
+        "_sink",
         "_waiter",
         "headers",
         "status",
@@ -101,14 +102,42 @@ class UpstreamResponse:
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._poked = False
+        self._sink: Callable[[bytes], None] | None = None
 
     @property
     def content(self) -> UpstreamResponse:
         return self
 
+    def splice(self, sink: Callable[[bytes], None]) -> None:
+        """Hand every later piece of the body to ``sink`` as it is parsed, instead of queueing it.
+
+        A pass-through stream then costs no task wake-up per chunk: the node's bytes reach the client's
+        transport inside the same read callback. What was queued before goes to ``sink`` at once. A read
+        (:meth:`readany`) still returns b"" at the end of the body or raises when it broke, so the caller
+        awaits the end as before. ``sink`` must not raise; it calls :meth:`hold` when its writer is full.
+        """
+        self._sink = sink
+        while self._chunks:
+            data = self._chunks.popleft()
+            self._buffered -= len(data)
+            sink(data)
+
+    def hold(self) -> None:
+        """Stop reading from the node until :meth:`unhold` (the spliced client is not keeping up)."""
+        if self._conn is not None:
+            self._conn.pause()
+
+    def unhold(self) -> None:
+        """Read from the node again."""
+        if self._conn is not None:
+            self._conn.resume()
+
     # -- fed by the connection ------------------------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink(data)
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         self._wake()

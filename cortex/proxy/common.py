@@ -21,6 +21,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from cortex.engine.lifecycle import Lease
 from cortex.engine.state import NodeStatus
 from cortex.errors import BadRequest, CortexError, NoNodeAvailable, PayloadTooLarge, Unauthorized, UnknownModel
+from cortex.proxy.fast import open_stream
 from cortex.proxy.forward import Call, clean_request_id
 
 if TYPE_CHECKING:
@@ -269,7 +270,7 @@ async def acquire_streaming(
         loading = engine.fleet.loading.get(call.model)
         where = loading[0] if loading else ""  # "": nothing loads it; it waits for a node (drained, restarting)
         if response is None:
-            response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+            response = open_stream(request, 200, SSE_HEADERS)
             response.headers["x-cortex-model"] = header_safe(call.model)
             if loading:  # the headers leave before the load ends: name the node it is loading on
                 response.headers["x-cortex-node"] = header_safe(loading[0])

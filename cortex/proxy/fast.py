@@ -28,7 +28,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate
 from typing import TYPE_CHECKING, cast
 
@@ -41,7 +41,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 if TYPE_CHECKING:
     from aiohttp.abc import AbstractStreamWriter
 
-__all__ = ["FAST_BODY_MAX", "ClientProtocol", "Connections", "FastRequest", "Handler"]
+__all__ = ["FAST_BODY_MAX", "ClientProtocol", "Connections", "FastRequest", "FastStream", "Handler", "open_stream"]
 
 log = logging.getLogger("cortex.proxy.app")
 
@@ -219,24 +219,102 @@ class FastRequest:
         return self._protocol.transport
 
 
-def serialize(resp: web.Response, keep_alive: bool) -> bytes | None:
-    """A whole ``web.Response`` as bytes, or None when it needs aiohttp's writer (a payload, compression)."""
-    body = resp.body
-    if not isinstance(body, bytes) or resp._compression or resp.cookies or resp.chunked:
-        return None
-    lines = [b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason.encode("latin-1"))]
-    for name, value in resp.headers.items():
+def _head(status: int, reason: str, headers: CIMultiDict[str], keep_alive: bool, framing: bytes) -> list[bytes]:
+    """A response head's lines (status, the handler's headers, ``framing``, Date, Server, Connection)."""
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1"))]
+    for name, value in headers.items():
         if name.lower() in _SKIP:
             continue
         if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
             raise ValueError(f"newline in the {name!r} response header")
         lines.append(f"{name}: {value}\r\n".encode("latin-1"))
-    lines.append(b"Content-Length: %d\r\nDate: %s\r\nServer: %s\r\n" % (len(body), _Date.now(), _SERVER))
+    lines.append(b"%sDate: %s\r\nServer: %s\r\n" % (framing, _Date.now(), _SERVER))
     if not keep_alive:
         lines.append(b"Connection: close\r\n")
     lines.append(b"\r\n")
+    return lines
+
+
+def serialize(resp: web.Response, keep_alive: bool) -> bytes | None:
+    """A whole ``web.Response`` as bytes, or None when it needs aiohttp's writer (a payload, compression)."""
+    body = resp.body
+    if not isinstance(body, bytes) or resp._compression or resp.cookies or resp.chunked:
+        return None
+    lines = _head(resp.status, resp.reason, resp.headers, keep_alive, b"Content-Length: %d\r\n" % len(body))
     lines.append(body)
     return b"".join(lines)
+
+
+class FastStream(web.StreamResponse):
+    """A chunked answer written straight to the fast front's transport (``open_stream`` makes one).
+
+    aiohttp's ``StreamResponse.write`` goes through its ``StreamWriter`` (size accounting, a drain check,
+    the chunk framing in Python, then the transport); this frames the chunk and writes it in one call, and
+    waits only when the transport asked the protocol to pause.
+    """
+
+    def __init__(self, request: FastRequest, status: int, headers: Mapping[str, str]) -> None:
+        super().__init__(status=status, headers=headers)
+        self._fast = request
+        self._open = False
+        self._ended = False
+
+    @property
+    def prepared(self) -> bool:
+        return self._open
+
+    @property
+    def keep_alive(self) -> bool:
+        return self._fast.keep_alive and self._keep_alive is not False
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if not self._open:
+            self._open = True
+            head = _head(self.status, self.reason, self.headers, self.keep_alive, b"Transfer-Encoding: chunked\r\n")
+            self._transport().write(b"".join(head))
+        return None
+
+    def send(self, data: bytes) -> None:
+        """Write one chunk now, without waiting for the transport's buffer to drain."""
+        if data:
+            self._transport().write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    @property
+    def full(self) -> bool:
+        """Whether the transport asked to stop writing (its buffer is over the high-water mark)."""
+        return self._fast._protocol.writing_paused
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the transport takes writes again."""
+        self._fast._protocol.on_resume = callback
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._open or self._ended:
+            raise RuntimeError("write() outside an open stream")
+        self.send(bytes(data))
+        protocol = self._fast._protocol
+        if protocol.writing_paused:
+            await protocol._drain_helper()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self._open:
+            self._transport().write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n")
+
+    def _transport(self) -> asyncio.Transport:
+        transport = self._fast.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        return transport
+
+
+def open_stream(request: web.Request, status: int, headers: Mapping[str, str]) -> web.StreamResponse:
+    """The response object for a stream: a :class:`FastStream` on the fast front, else aiohttp's."""
+    if isinstance(request, FastRequest):
+        return FastStream(request, status, headers)
+    return web.StreamResponse(status=status, headers=headers)
 
 
 class ClientProtocol(BaseProtocol):
@@ -247,7 +325,6 @@ class ClientProtocol(BaseProtocol):
         "_carry",
         "_conns",
         "_factory",
-        "_idle",
         "_inner",
         "_keepalive",
         "_pending",
@@ -256,6 +333,7 @@ class ClientProtocol(BaseProtocol):
         "_task",
         "_timer",
         "loop",
+        "on_resume",
     )
 
     def __init__(self, factory: web.Server, conns: Connections, routes: dict[bytes, Handler]) -> None:
@@ -274,7 +352,8 @@ class ClientProtocol(BaseProtocol):
         self._pending = 0
         """Body bytes the request being read still lacks."""
         self._keepalive = True
-        self._idle = False
+        self.on_resume: Callable[[], None] | None = None
+        """Called once when the transport, paused for a full buffer, takes writes again (a spliced stream)."""
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -346,8 +425,11 @@ class ClientProtocol(BaseProtocol):
     def resume_writing(self) -> None:
         if self._inner is not None:
             self._inner.resume_writing()
-        else:
-            super().resume_writing()
+            return
+        super().resume_writing()
+        callback, self.on_resume = self.on_resume, None
+        if callback is not None:
+            callback()
 
     # -- the fast front ---------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ at the end in the stream's tail (:class:`~cortex.proxy.forward.UsageTail`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from cortex.proxy.common import (
     resolve_model,
 )
 from cortex.proxy.errors import openai_error, openai_error_for
+from cortex.proxy.fast import FastStream, open_stream
 from cortex.proxy.forward import Call, IdleWatch, NodeReplyError, UsageTail, read_body, send, upstream_headers
 
 if TYPE_CHECKING:
@@ -261,46 +263,20 @@ async def _pipe(
     """
     tail = UsageTail()
     idle = engine.settings.gateway.stream_idle_timeout_s
-    content = resp.content
     failed: str | None = None
     watch = IdleWatch(idle, resp.close)
     opened = response is not None
     if response is None:
-        response = web.StreamResponse(status=resp.status, headers=SSE_HEADERS)
+        response = open_stream(request, resp.status, SSE_HEADERS)
         response.headers.update(cortex_headers(call, resp.headers.get("x-request-id")))
     try:
         if not opened:
             await response.prepare(request)
         call.status = resp.status
-        while True:
-            t0 = time.monotonic()
-            try:
-                chunk = await content.readany()
-            except aiohttp.ClientError as exc:
-                if watch.fired:
-                    failed = f"{call.node} sent nothing for {idle:g} s"
-                    call.status = 504
-                else:
-                    failed = f"{call.node} broke the stream: {exc or type(exc).__name__}"
-                    call.status = 502
-                await response.write(_error_event(failed))
-                break
-            now = time.monotonic()
-            watch.last = now
-            call.upstream_s += now - t0
-            if not chunk:
-                if watch.fired:  # closed by the watch between two reads
-                    failed = f"{call.node} sent nothing for {idle:g} s"
-                    call.status = 504
-                    await response.write(_error_event(failed))
-                break
-            if call.first_byte is None:
-                call.first_byte = now
-            tail.add(chunk)
-            if include_usage and b"[DONE]" in chunk:
-                await _write_with_usage(response, chunk, tail)
-            else:
-                await response.write(chunk)
+        if isinstance(response, FastStream):
+            failed = await _splice(call, resp, response, tail, include_usage, watch, idle)
+        else:
+            failed = await _relay(call, resp, response, tail, include_usage, watch, idle)
     except ConnectionResetError:
         call.status = 499
         resp.close()
@@ -317,15 +293,112 @@ async def _pipe(
     return response
 
 
-async def _write_with_usage(response: web.StreamResponse, chunk: bytes, tail: UsageTail) -> None:
+def _with_usage(chunk: bytes, tail: UsageTail) -> bytes:
     """Insert OpenAI's usage-only chunk (``choices: []``) before ``[DONE]``, as ``include_usage`` asks."""
     idx = chunk.find(b"data:[DONE]")
     if idx < 0:
         idx = chunk.find(b"data: [DONE]")
     usage = tail.usage()
     if idx < 0 or usage is None:
-        await response.write(chunk)
-        return
+        return chunk
     # Every chunk carries id, created and model: the openai SDK's stream helper skips chunks without them.
     extra = {**tail.identity(), "object": "chat.completion.chunk", "choices": [], "usage": usage}
-    await response.write(chunk[:idx] + b"data: " + orjson.dumps(extra) + b"\n\n" + chunk[idx:])
+    return chunk[:idx] + b"data: " + orjson.dumps(extra) + b"\n\n" + chunk[idx:]
+
+
+async def _relay(
+    call: Call,
+    resp: UpstreamResponse,
+    response: web.StreamResponse,
+    tail: UsageTail,
+    include_usage: bool,
+    watch: IdleWatch,
+    idle: float,
+) -> str | None:
+    """Read the node's stream chunk by chunk and write each to the client (aiohttp's front); the failure."""
+    content = resp.content
+    while True:
+        t0 = time.monotonic()
+        try:
+            chunk = await content.readany()
+        except aiohttp.ClientError as exc:
+            return await _broken(call, response, watch, idle, exc)
+        now = time.monotonic()
+        watch.last = now
+        call.upstream_s += now - t0
+        if not chunk:
+            return await _broken(call, response, watch, idle, None) if watch.fired else None
+        if call.first_byte is None:
+            call.first_byte = now
+        tail.add(chunk)
+        await response.write(_with_usage(chunk, tail) if include_usage and b"[DONE]" in chunk else chunk)
+
+
+async def _splice(
+    call: Call,
+    resp: UpstreamResponse,
+    response: FastStream,
+    tail: UsageTail,
+    include_usage: bool,
+    watch: IdleWatch,
+    idle: float,
+) -> str | None:
+    """The fast front's stream: each chunk goes to the client inside the node's read callback; the failure.
+
+    No task wakes per chunk (``UpstreamResponse.splice``); this coroutine only waits for the end. When the
+    client's transport is full, reading from the node pauses until it drains.
+
+    Raises:
+        ConnectionResetError: the client went away.
+    """
+    gone = False
+
+    def sink(chunk: bytes) -> None:
+        nonlocal gone
+        now = time.monotonic()
+        watch.last = now
+        if call.first_byte is None:
+            call.first_byte = now
+        tail.add(chunk)
+        if gone:
+            return
+        try:
+            response.send(_with_usage(chunk, tail) if include_usage and b"[DONE]" in chunk else chunk)
+        except ConnectionResetError:
+            gone = True
+            resp.close()
+            return
+        if response.full:
+            resp.hold()
+            response.when_drained(resp.unhold)
+
+    t0 = time.monotonic()
+    resp.splice(sink)
+    try:
+        rest = await resp.content.readany()  # b"" at the end: every byte went through the sink
+    except aiohttp.ClientError as exc:
+        if gone:
+            raise ConnectionResetError("the client closed the connection") from None
+        return await _broken(call, response, watch, idle, exc)
+    finally:
+        call.upstream_s += time.monotonic() - t0
+    if gone:
+        raise ConnectionResetError("the client closed the connection")
+    if rest:
+        sink(rest)
+    return await _broken(call, response, watch, idle, None) if watch.fired else None
+
+
+async def _broken(
+    call: Call, response: web.StreamResponse, watch: IdleWatch, idle: float, exc: aiohttp.ClientError | None
+) -> str:
+    """End a stream the node broke (or that went silent): an error event to the client; the failure."""
+    if watch.fired:
+        failed = f"{call.node} sent nothing for {idle:g} s"
+        call.status = 504
+    else:
+        failed = f"{call.node} broke the stream: {exc or type(exc).__name__}"
+        call.status = 502
+    with contextlib.suppress(ConnectionResetError):  # the node's failure counts, whether or not the client hears it
+        await response.write(_error_event(failed))
+    return failed

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import socket
 
 from cortex.proxy.fast import FAST_BODY_MAX
 from cortex.sim import SimModel, SimNode
@@ -172,3 +173,43 @@ async def test_an_idle_connection_after_an_answer_is_closed(sim: SimNode, gatewa
         assert await asyncio.wait_for(reader.read(), WAIT_S) == b""
     finally:
         writer.transport.abort()
+
+
+async def test_a_slow_reader_pauses_the_node_and_gets_every_chunk(gateway: GatewayFactory) -> None:
+    """A spliced stream to a client that does not read: once the client's socket and the gateway's buffer
+    are full, reading from the node pauses (no unbounded buffering); when the client reads, the stream
+    resumes and arrives whole."""
+    node = SimNode([SimModel("m", 1000)], name="n1", vram_mb=8192, load_s=0.01, tok_s=0.0)
+    await node.start()
+    try:
+        gw = await gateway(node.url, stream_idle_timeout_s=10.0, first_byte_timeout_s=10.0)
+        body = json.dumps(
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000, "stream": True}
+        ).encode()
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+            conns = gw.servers.connections
+            assert conns is not None
+            await wait_until(lambda: len(conns.fast) == 1, "the connection is the fast front's")
+            (front,) = conns.fast
+            assert front.transport is not None  # a small kernel buffer on the gateway's side too (no autotuning)
+            front.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            await loop.sock_sendall(sock, request_bytes("/v1/chat/completions", body))  # and read nothing yet
+            await wait_until(lambda: any(c.on_resume is not None for c in conns.fast), "the node's reads paused")
+            parts = []
+            async with asyncio.timeout(WAIT_S * 2):
+                while part := await loop.sock_recv(sock, 65536):  # to the end (Connection: close)
+                    parts.append(part)
+            data = b"".join(parts)
+        finally:
+            sock.close()
+        assert data.startswith(b"HTTP/1.1 200")
+        assert data.count(b"data:") >= 4000  # every token's chunk (and the finish chunk), in order
+        assert b"[DONE]" in data[-200:]
+        await gw.settled()
+    finally:
+        await node.stop()
