@@ -53,6 +53,7 @@ from cortex.proxy.common import (
     shorten,
     unreachable,
 )
+from cortex.proxy.fast import Handler, open_stream
 from cortex.proxy.forward import Call, IdleWatch, NodeReplyError, read_body, send, upstream_headers
 
 if TYPE_CHECKING:
@@ -420,7 +421,7 @@ class _EarlyError(Exception):
 
 
 async def _open(request: web.Request, call: Call, resp: UpstreamResponse | None) -> web.StreamResponse:
-    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    response = open_stream(request, 200, SSE_HEADERS)
     response.headers.update(cortex_headers(call, resp.headers.get("x-request-id") if resp is not None else None))
     await response.prepare(request)
     return response
@@ -466,8 +467,12 @@ async def _read_small(content: aiohttp.StreamReader, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def add_anthropic_routes(app: web.Application, engine: Engine, keys: list[bytes]) -> None:
-    """Register the Anthropic routes (query strings such as ``?beta=true`` are ignored by routing)."""
+def add_anthropic_routes(app: web.Application, engine: Engine, keys: list[bytes]) -> Handler:
+    """Register the Anthropic routes (query strings such as ``?beta=true`` are ignored by routing).
+
+    Returns:
+        The ``/v1/messages`` handler, which the fast front serves too.
+    """
 
     async def messages(request: web.Request) -> web.StreamResponse:
         return await handle_messages(request, engine, keys)
@@ -477,3 +482,4 @@ def add_anthropic_routes(app: web.Application, engine: Engine, keys: list[bytes]
 
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", tokens)
+    return messages

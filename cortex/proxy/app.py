@@ -120,7 +120,7 @@ def create_app(engine: Engine) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
-    add_anthropic_routes(app, engine, keys)
+    fast[b"/v1/messages"] = add_anthropic_routes(app, engine, keys)
     add_responses_routes(app, engine, keys)
     add_admin_routes(app, engine)
     if not settings.metrics_listen:

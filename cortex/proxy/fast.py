@@ -477,7 +477,8 @@ class ClientProtocol(BaseProtocol):
         parts = head[:line_end].split(b" ")
         if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
             return None
-        handler = self._routes.get(parts[1])
+        path = parts[1].partition(b"?")[0]  # a query string (Claude Code's ?beta=true) does not route
+        handler = self._routes.get(path)
         if handler is None:
             return None
         block = head[line_end + 2 :]
@@ -497,7 +498,7 @@ class ClientProtocol(BaseProtocol):
             if "upgrade" in tokens:
                 return None
             keep_alive = "close" not in tokens
-        return handler, parts[1].decode(), CIMultiDictProxy(headers), length, keep_alive
+        return handler, path.decode(), CIMultiDictProxy(headers), length, keep_alive
 
     def _body_part(self, data: bytes) -> None:
         request = self._request

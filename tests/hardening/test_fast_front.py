@@ -67,6 +67,24 @@ async def test_keepalive_pipelining_then_another_route(sim: SimNode, gateway: Ga
     await gw.settled()
 
 
+async def test_a_query_string_and_the_anthropic_route_are_fast(sim: SimNode, gateway: GatewayFactory) -> None:
+    """Claude Code posts to ``/v1/messages?beta=true``: the query does not route, the fast front serves it."""
+    gw = await gateway(sim.url)
+    before = served(gw)
+    message = json.dumps({"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    got = []
+    for path, body in (("/v1/messages?beta=true", message), ("/v1/chat/completions?x=1", CHAT)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(request_bytes(path, body, [(b"anthropic-version", b"2023-06-01")]))
+            (reply,) = await replies(reader, 1)
+            got.append((reply.status, reply.json().get("type") or reply.json().get("object")))
+        finally:
+            writer.transport.abort()
+    assert got == [(200, "message"), (200, "chat.completion")]
+    assert served(gw) == before + 2
+
+
 async def test_a_body_in_pieces(sim: SimNode, gateway: GatewayFactory) -> None:
     gw = await gateway(sim.url)
     before = served(gw)
@@ -87,8 +105,8 @@ async def test_a_body_in_pieces(sim: SimNode, gateway: GatewayFactory) -> None:
 
 
 async def test_unusual_requests_are_aiohttps(sim: SimNode, gateway: GatewayFactory) -> None:
-    """HTTP/1.0, a chunked body, ``Expect``, a compressed body, a body over the fast limit, a query string,
-    each is answered correctly, by aiohttp."""
+    """HTTP/1.0, a chunked body, ``Expect``, a compressed body, a body over the fast limit, a percent-encoded
+    path: each is answered correctly, by aiohttp."""
     gw = await gateway(sim.url)
     path = "/v1/chat/completions"
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(CHAT), CHAT)
@@ -98,7 +116,7 @@ async def test_unusual_requests_are_aiohttps(sim: SimNode, gateway: GatewayFacto
         "chunked": request_bytes(path, chunked, [(b"Transfer-Encoding", b"chunked")]),
         "gzip": request_bytes(path, gzip.compress(CHAT), [(b"Content-Encoding", b"gzip")]),
         "big": request_bytes(path, big),
-        "query": request_bytes(path + "?x=1", CHAT),
+        "percent-encoded path": request_bytes(path.replace("/completions", "/%63ompletions"), CHAT),
     }
     before = served(gw)
     for name, raw in cases.items():

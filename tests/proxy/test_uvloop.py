@@ -97,5 +97,5 @@ def test_a_fleet_on_uvloop(tmp_path: Path) -> None:
     assert tokens == 6
     assert got["anthropic"] == 4
     assert got["pipelined"] == ["chat.completion", "chat.completion"]
-    assert got["fast"] == 4  # chat, stream and the two pipelined; the Anthropic route is aiohttp's
+    assert got["fast"] == 5  # chat, stream, the Anthropic message and the two pipelined
     assert got["in_flight"] == 0
