@@ -16,7 +16,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 import orjson
@@ -53,7 +53,7 @@ from cortex.proxy.common import (
     shorten,
     unreachable,
 )
-from cortex.proxy.fast import Handler, open_stream
+from cortex.proxy.fast import FastRequest, FastStream, Handler, open_stream
 from cortex.proxy.forward import Call, IdleWatch, NodeReplyError, read_body, send, upstream_headers
 
 if TYPE_CHECKING:
@@ -299,6 +299,8 @@ async def _stream(
         await response.write(_error_event(err))
         return response
     try:
+        if isinstance(request, FastRequest):
+            return await _translate_spliced(request, engine, call, tr, lease, resp, response, req.input_tokens_estimate)
         return await _translate(request, engine, call, tr, lease, resp, response, req.input_tokens_estimate)
     finally:
         resp.release()
@@ -378,18 +380,7 @@ async def _translate(
                 if call.first_byte is None:
                     call.first_byte = time.monotonic()
                 await response.write(b"".join(out))
-        if response is None and not tr.started and not saw_done:
-            # Nothing reached the client yet: a plain HTTP error (which the SDKs retry) beats a stream
-            # that is one lone ``error`` event without the ``message_start`` the grammar requires.
-            message = failed or f"{call.node} ended the stream before sending anything"
-            raise _EarlyError(AnthropicError(502, "api_error", message, should_retry=True))
-        tail = tr.error(failed) if failed else tr.finish(saw_done=saw_done)
-        if response is None:
-            response = await _open(request, call, resp)
-        if tail:
-            await response.write(b"".join(encode_event(e) for e in tail))
-        if failed or (tail and tail[-1].get("type") == "error"):
-            call.status = 502
+        response = await _conclude(request, call, tr, resp, response, failed, saw_done)
     except _EarlyError as early:
         lease.release(failed=failed)
         lease = None  # type: ignore[assignment]
@@ -410,6 +401,204 @@ async def _translate(
         if lease is not None:
             lease.release(failed=failed)
     return response
+
+
+async def _conclude(
+    request: web.Request,
+    call: Call,
+    tr: StreamTranslator,
+    resp: UpstreamResponse,
+    response: web.StreamResponse | None,
+    failed: str | None,
+    saw_done: bool,
+) -> web.StreamResponse:
+    """End a translated stream: its closing events, or the error that ends it.
+
+    Raises:
+        _EarlyError: nothing reached the client yet (answered as a plain HTTP error instead).
+    """
+    if response is None and not tr.started and not saw_done:
+        # Nothing reached the client yet: a plain HTTP error (which the SDKs retry) beats a stream
+        # that is one lone ``error`` event without the ``message_start`` the grammar requires.
+        message = failed or f"{call.node} ended the stream before sending anything"
+        raise _EarlyError(AnthropicError(502, "api_error", message, should_retry=True))
+    tail = tr.error(failed) if failed else tr.finish(saw_done=saw_done)
+    if response is None:
+        response = await _open(request, call, resp)
+    if tail:
+        await response.write(b"".join(encode_event(e) for e in tail))
+    if failed or (tail and tail[-1].get("type") == "error"):
+        call.status = 502
+    return response
+
+
+class _Splice:
+    """The fast front's Anthropic stream, translated inside the node's read callback.
+
+    The same steps as :func:`_translate`'s loop, with no task wake-up per chunk
+    (``UpstreamResponse.splice``): each upstream chunk is decoded, translated and written to the client's
+    transport as it is parsed; silences get their pings from the idle timer's callback. :attr:`ended`
+    resolves when the translation is done (the node's ``[DONE]``, an early error, a silence past the
+    idle timeout, or the client gone); the coroutine then concludes as the loop does.
+    """
+
+    def __init__(
+        self,
+        request: FastRequest,
+        call: Call,
+        tr: StreamTranslator,
+        resp: UpstreamResponse,
+        response: web.StreamResponse | None,
+        estimate: int,
+        idle: float,
+    ) -> None:
+        self.request = request
+        self.call = call
+        self.tr = tr
+        self.resp = resp
+        self.response = cast("FastStream | None", response)
+        self.estimate = estimate
+        self.idle = idle
+        self.decoder = SSEDecoder()
+        self.failed: str | None = None
+        self.saw_done = False
+        self.early: AnthropicError | None = None
+        self.gone = False
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.silent_since = time.monotonic()
+        self.watch = IdleWatch(min(PING_S, idle), self.silence)
+
+    def end(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def sink(self, raw: bytes) -> None:
+        """One piece of the node's stream (called by the upstream connection as it is parsed)."""
+        if self.ended.done():
+            return
+        call, tr = self.call, self.tr
+        now = time.monotonic()
+        self.watch.last = now
+        self.silent_since = now
+        out: list[bytes] = []
+        for event_name, data in self.decoder.feed(raw):
+            chunk = parse_data(event_name, data)
+            if chunk is DONE:
+                self.saw_done = True
+                break
+            if not isinstance(chunk, dict):
+                continue
+            if (
+                self.response is None
+                and not tr.started
+                and (err := upstream_chunk_error(chunk, prompt_tokens_estimate=self.estimate))
+            ):
+                self.early = err
+                self.end()
+                return
+            usage = chunk.get("usage")
+            if isinstance(usage, dict):
+                call.usage = usage
+            events = tr.feed(chunk)
+            out.extend(encode_event(e) for e in events)
+            if events and events[-1]["type"] == "error":
+                call.status = error_from_type(events[-1]["error"]["type"], "").status
+            if tr.done:
+                break
+        if out:
+            if call.first_byte is None:
+                call.first_byte = time.monotonic()
+            self.send(b"".join(out))
+        if tr.done or self.saw_done:
+            self.end()
+
+    def send(self, data: bytes) -> None:
+        if self.gone:
+            return
+        try:
+            if self.response is None:
+                self.response = open_stream(cast(web.Request, self.request), 200, SSE_HEADERS)  # type: ignore[assignment]
+                assert self.response is not None
+                self.response.headers.update(cortex_headers(self.call, self.resp.headers.get("x-request-id")))
+                self.response.open()
+            self.response.send(data)
+        except ConnectionResetError:
+            self.gone = True
+            self.resp.close()
+            self.end()
+            return
+        if self.response.full:
+            self.resp.hold()
+            self.response.when_drained(self.resp.unhold)
+
+    def silence(self) -> None:
+        """The idle timer's callback: a ping, or the end when the node has been silent too long."""
+        if self.ended.done():
+            return
+        silent = time.monotonic() - self.silent_since
+        if silent >= self.idle:
+            self.failed = f"{self.call.node} sent nothing for {self.idle:g} s"
+            self.end()
+            return
+        self.send(b"".join(encode_event(e) for e in self.tr.start()) + _PING)
+        self.watch = IdleWatch(min(PING_S, max(0.01, self.idle - silent)), self.silence)
+
+
+async def _translate_spliced(
+    request: FastRequest,
+    engine: Engine,
+    call: Call,
+    tr: StreamTranslator,
+    lease: Lease,
+    resp: UpstreamResponse,
+    response: web.StreamResponse | None,
+    estimate: int,
+) -> web.StreamResponse:
+    """:func:`_translate` for the fast front (see :class:`_Splice`)."""
+    call.status = 200
+    job = _Splice(request, call, tr, resp, response, estimate, engine.settings.gateway.stream_idle_timeout_s)
+    t0 = time.monotonic()
+    resp.splice(job.sink)
+    reading: asyncio.Future[Any] = asyncio.ensure_future(resp.content.readany())  # b"" at the end: all went to the sink
+    ended: asyncio.Future[Any] = job.ended
+    failed: str | None = None
+    try:
+        try:
+            await asyncio.wait({reading, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            job.watch.cancel()
+            call.upstream_s += time.monotonic() - t0
+        if not job.ended.done():  # the node's stream ended (or broke) before the translation did
+            try:
+                reading.result()
+            except aiohttp.ClientError as exc:
+                job.failed = job.failed or f"{call.node} broke the stream: {exc or type(exc).__name__}"
+        else:
+            reading.cancel()
+        failed = job.failed
+        if job.gone:
+            raise ConnectionResetError("the client closed the connection")
+        if job.early is not None:
+            raise _EarlyError(job.early)
+        return await _conclude(request, call, tr, resp, job.response, failed, job.saw_done)  # type: ignore[arg-type]
+    except _EarlyError as early:
+        lease.release(failed=failed)
+        call.status = early.error.status
+        return _respond(early.error, cortex_headers(call))
+    except ConnectionResetError:
+        call.status = 499
+        resp.close()
+        if job.response is None:
+            raise
+        raise ClientGone(job.response) from None
+    except asyncio.CancelledError:
+        call.status = 499
+        resp.close()
+        raise
+    finally:
+        if not reading.done():
+            reading.cancel()
+        lease.release(failed=failed)
 
 
 class _EarlyError(Exception):

@@ -268,11 +268,15 @@ class FastStream(web.StreamResponse):
         return self._fast.keep_alive and self._keep_alive is not False
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        self.open()
+        return None
+
+    def open(self) -> None:
+        """Send the head now (``prepare`` without waiting; a no-op once sent)."""
         if not self._open:
             self._open = True
             head = _head(self.status, self.reason, self.headers, self.keep_alive, b"Transfer-Encoding: chunked\r\n")
             self._transport().write(b"".join(head))
-        return None
 
     def send(self, data: bytes) -> None:
         """Write one chunk now, without waiting for the transport's buffer to drain."""
