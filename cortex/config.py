@@ -148,9 +148,10 @@ class GatewaySettings(_Section):
 class EvictionSettings(_Section):
     """``[eviction]``: which models leave a node's VRAM, and when."""
 
-    strategy: Literal["lru", "priority", "cost"] = "lru"
-    """Victim order: `lru` (least recently used), `priority` (lowest priority, then LRU) or `cost` (cheapest
-    expected miss: reload time x chance of reuse within 10 minutes, per MiB freed; `cortex replay` compares them)."""
+    strategy: Literal["lru", "priority", "cost"] = "cost"
+    """Victim order: `cost` (cheapest expected miss: reload time x chance of reuse soon, per MiB freed, from
+    each model's bursts of requests; a model seen in one burst only, like an evaluation scan's, goes first),
+    `lru` (least recently used) or `priority` (lowest priority, then LRU); `cortex replay` compares them."""
     idle_ttl_s: float = Field(default=0.0, ge=0)
     """Unload a model idle this long (0 = never); pinned models stay."""
     headroom_mb: int = Field(default=512, ge=0)

@@ -200,7 +200,7 @@ async def test_a_bad_file_is_refused_whole_and_the_old_config_keeps_serving(
     assert report["ok"] is False
     assert any(error in line for line in report["errors"]), report
     assert "the running config stays" in report["message"]
-    assert f.engine.settings.eviction.strategy == "lru"
+    assert f.engine.settings.eviction.strategy == "cost"
     assert f.engine.api_keys == []
     await stream.whole()
     done = await client.chat.completions.create(model="m1", messages=MSG, max_tokens=2)
@@ -225,7 +225,7 @@ async def test_settings_apply_live_and_listen_addresses_wait_for_a_restart(fleet
     assert report["restart_needed"] == ["gateway.listen"]
     assert f.engine.settings.gateway.listen == "127.0.0.1:0"  # keeps what it really listens on
     assert "needs a restart: gateway.listen" in report["message"]
-    assert "eviction.strategy: 'lru' → 'priority'" in report["changes"]
+    assert "eviction.strategy: 'cost' → 'priority'" in report["changes"]
     assert f.engine.settings.eviction.idle_ttl_s == 600
     assert f.engine.lifecycle.settings is f.engine.settings
     # A new alias resolves at once; a new pin is loaded.

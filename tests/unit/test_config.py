@@ -59,7 +59,7 @@ def test_empty_file_gives_the_documented_defaults(tmp_path: Path) -> None:
         300,
     )
     assert (s.gateway.max_queue, s.gateway.max_body_mb, s.gateway.drain_s) == (1024, 32, 30)
-    assert s.eviction.strategy == "lru"
+    assert s.eviction.strategy == "cost"
     assert (s.eviction.idle_ttl_s, s.eviction.headroom_mb, s.eviction.min_resident_s) == (0, 512, 0)
     assert s.eviction.defrag_after_cycles == 50
     assert (s.poll.interval_s, s.poll.timeout_s, s.poll.down_after) == (2.0, 2.0, 3)
