@@ -104,6 +104,7 @@ def main() -> int:
     parser.add_argument("--cortex-src", type=Path, help="run cortex from this copy of the source tree")
     parser.add_argument("--folded", type=Path, help="keep py-spy's folded stacks here")
     parser.add_argument("--pythonpath", help="prepend this to cortex's PYTHONPATH (a sitecustomize, say)")
+    parser.add_argument("--cprofile", type=Path, help="run cortex under cProfile instead, writing its stats here")
     parser.add_argument(
         "--stream", action="store_true", help="streamed chunks instead: 2 streams at a time of 500 chunks at 500/s"
     )
@@ -124,7 +125,9 @@ def main() -> int:
         src = args.cortex_src
         paths = [p for p in (args.pythonpath, str(src) if src else None) if p]
         env = {**os.environ, "PYTHONPATH": ":".join(paths)} if paths else None
-        cortex = procs.start("cortex", [PY, "-m", "cortex", "--no-tui", "--config", str(conf)], env, src or ROOT)
+        prof = ["-m", "cProfile", "-o", str(args.cprofile.resolve())] if args.cprofile else []
+        argv = [PY, *prof, "-m", "cortex", "--no-tui", "--config", str(conf)]
+        cortex = procs.start("cortex", argv, env, src or ROOT)
         base = f"http://127.0.0.1:{cport}"
         wait_for(lambda: cortex_models_state(base).get(MODEL) == "loaded", 60, "cortex", cortex)
         job = {
@@ -163,10 +166,9 @@ def main() -> int:
             job["requests"] = args.requests
         main_job = tmp / "job.json"
         main_job.write_text(json.dumps(job))
-        rec = procs.start(
-            "py-spy",
-            [spy, "record", "--pid", str(cortex.pid), "--rate", str(args.rate), "--format", "raw", "-o", str(folded)],
-        )
+        spy_argv = [spy, "record", "--pid", str(cortex.pid), "--rate", str(args.rate), "--format", "raw"]
+        spy_argv += ["-o", str(folded)]
+        rec = procs.start("py-spy", spy_argv if not args.cprofile else ["sleep", "3600"])
         time.sleep(1.0)
         t0 = time.monotonic()
         done = subprocess.run(
