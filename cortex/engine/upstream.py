@@ -216,6 +216,15 @@ class UpstreamResponse:
                 return
             yield data
 
+    def read_nowait(self) -> bytes | None:
+        """The whole body when all of it has arrived already, else None (nothing is taken then)."""
+        if not self._eof or self._error is not None:
+            return None
+        data = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+        self._chunks.clear()
+        self._buffered = 0
+        return data
+
     async def read(self, limit: int | None = None) -> bytes:
         """The whole body; over ``limit`` bytes, the connection is dropped and the read fails.
 

@@ -9,6 +9,7 @@ credential, cookie or hop-by-hop header ever leaves cortex.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import time
@@ -96,6 +97,10 @@ class Call:
         )
 
 
+_ID_PREFIX = os.urandom(10).hex()
+_ID_COUNTER = itertools.count()
+
+
 def clean_request_id(value: str | None) -> str:
     """``value`` when it is a usable request id (printable ASCII, at most :data:`REQUEST_ID_MAX` long).
 
@@ -105,7 +110,8 @@ def clean_request_id(value: str | None) -> str:
     """
     if value and len(value) <= REQUEST_ID_MAX and value.isascii() and value.isprintable():
         return value
-    return "req_" + os.urandom(16).hex()  # uuid4().hex without building a UUID (5x cheaper per request)
+    # 32 hex digits as mistral.rs makes them: a random prefix per process and a counter (no syscall per id).
+    return f"req_{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFF:012x}"
 
 
 def upstream_headers(request_id: str | None) -> dict[str, str]:
@@ -229,12 +235,21 @@ async def read_body(engine: Engine, call: Call, lease: Lease, resp: UpstreamResp
             than ``max_response_mb``, or closed a read-to-close answer before its JSON was complete.
     """
     settings = engine.settings.gateway
+    limit = int(settings.max_response_mb * 1024 * 1024)
+    whole = resp.read_nowait()
+    if whole is not None and len(whole) <= limit and (not resp.until_close or _is_json(whole)):
+        resp.release()  # the usual case: the answer came whole with its head, no timer needed
+        lease.release()
+        return whole
     idle = settings.stream_idle_timeout_s
     watch = IdleWatch(idle, resp.close)
     failed: str | None = None
     t0 = time.monotonic()
     try:
-        data = await resp.read(int(settings.max_response_mb * 1024 * 1024))
+        data = await resp.read(limit) if whole is None else whole
+        if len(data) > limit:
+            resp.close()
+            raise aiohttp.ClientPayloadError(f"answer is over the {limit} byte limit")
         if resp.until_close and not _is_json(data):
             # No length, no chunks: the end of the connection ended the body, and a node dying mid-answer
             # looks just the same. Incomplete JSON is that case, not an answer.

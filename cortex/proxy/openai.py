@@ -47,6 +47,16 @@ _INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "top_k", "top_logprob
 _NUM_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "stream": ((bool,), "a boolean"),
+    "stop": ((str, list), "a string or an array of strings"),
+    "stream_options": ((dict,), "an object"),
+    **{key: ((int,), "an integer") for key in _INT_FIELDS},
+    **{key: ((int, float), "a number") for key in _NUM_FIELDS},
+}
+"""The typed top-level fields: (accepted types, how the error names them)."""
+
+
 def _check_type(data: dict[str, Any], key: str, types: tuple[type, ...], what: str) -> None:
     value = data.get(key)
     if value is None:
@@ -61,17 +71,14 @@ def validate_openai(path: str, data: dict[str, Any]) -> None:
     Raises:
         BadRequest: naming the field.
     """
-    _check_type(data, "stream", (bool,), "a boolean")
-    for key in _INT_FIELDS:
-        _check_type(data, key, (int,), "an integer")
-    for key in _NUM_FIELDS:
-        _check_type(data, key, (int, float), "a number")
+    for key, value in data.items():  # the fields the request has (a few), not every typed field
+        spec = _FIELD_TYPES.get(key)
+        if spec is not None and value is not None:
+            _check_type(data, key, *spec)
     for key in ("max_tokens", "max_completion_tokens", "n"):
         value = data.get(key)
         if isinstance(value, int) and value < 1:
             raise BadRequest(f"`{key}` must be at least 1", param=key)
-    _check_type(data, "stop", (str, list), "a string or an array of strings")
-    _check_type(data, "stream_options", (dict,), "an object")
     if path == "/v1/chat/completions":
         messages = data.get("messages")
         if messages is None:
