@@ -105,6 +105,7 @@ def main() -> int:
     parser.add_argument("--folded", type=Path, help="keep py-spy's folded stacks here")
     parser.add_argument("--pythonpath", help="prepend this to cortex's PYTHONPATH (a sitecustomize, say)")
     parser.add_argument("--cprofile", type=Path, help="run cortex under cProfile instead, writing its stats here")
+    parser.add_argument("--anthropic", action="store_true", help="with --stream: POST /v1/messages streams")
     parser.add_argument(
         "--stream", action="store_true", help="streamed chunks instead: 2 streams at a time of 500 chunks at 500/s"
     )
@@ -145,14 +146,15 @@ def main() -> int:
         }
         if args.stream:
             body = json.loads(BODY) | {"max_tokens": 500, "stream": True}
+            path, done = ("/v1/messages", "message_stop") if args.anthropic else ("/v1/chat/completions", "[DONE]")
             job = {
                 "mode": "stream",
                 "target": "cortex",
-                "url": f"http://127.0.0.1:{cport}/v1/chat/completions",
+                "url": f"http://127.0.0.1:{cport}{path}",
                 "body": json.dumps(body),
                 "warm_body": json.dumps(body | {"max_tokens": 10}),
                 "marker": "data:",
-                "done": "[DONE]",
+                "done": done,
                 "expect_events": None,
                 "concurrency": 2,
                 "streams": max(2, args.requests // 500),
