@@ -351,29 +351,9 @@ async def _translate(
             if not raw:
                 break
             silent_since = now
-            out: list[bytes] = []
-            for event_name, data in decoder.feed(raw):
-                chunk = parse_data(event_name, data)
-                if chunk is DONE:
-                    saw_done = True
-                    break
-                if not isinstance(chunk, dict):
-                    continue
-                if (
-                    response is None
-                    and not tr.started
-                    and (err := upstream_chunk_error(chunk, prompt_tokens_estimate=estimate))
-                ):
-                    raise _EarlyError(err)
-                usage = chunk.get("usage")
-                if isinstance(usage, dict):
-                    call.usage = usage
-                events = tr.feed(chunk)
-                out.extend(encode_event(e) for e in events)
-                if events and events[-1]["type"] == "error":
-                    call.status = error_from_type(events[-1]["error"]["type"], "").status
-                if tr.done:
-                    break
+            out, saw_done, early = _piece(decoder, tr, call, raw, estimate, opened=response is not None)
+            if early is not None:
+                raise _EarlyError(early)
             if out:
                 if response is None:
                     response = await _open(request, call, resp)
@@ -401,6 +381,36 @@ async def _translate(
         if lease is not None:
             lease.release(failed=failed)
     return response
+
+
+def _piece(
+    decoder: SSEDecoder, tr: StreamTranslator, call: Call, raw: bytes, estimate: int, *, opened: bool
+) -> tuple[list[bytes], bool, AnthropicError | None]:
+    """Decode and translate one piece of the node's stream.
+
+    Returns:
+        The encoded Anthropic events, whether the node's ``[DONE]`` came, and the error to answer with
+        instead of a stream (an error as the node's first event, while nothing was sent: ``opened`` False).
+    """
+    out: list[bytes] = []
+    for event_name, data in decoder.feed(raw):
+        chunk = parse_data(event_name, data)
+        if chunk is DONE:
+            return out, True, None
+        if not isinstance(chunk, dict):
+            continue
+        if not opened and not tr.started and (err := upstream_chunk_error(chunk, prompt_tokens_estimate=estimate)):
+            return out, False, err
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            call.usage = usage
+        events = tr.feed(chunk)
+        out.extend(encode_event(e) for e in events)
+        if events and events[-1]["type"] == "error":
+            call.status = error_from_type(events[-1]["error"]["type"], "").status
+        if tr.done:
+            break
+    return out, False, None
 
 
 async def _conclude(
@@ -480,31 +490,12 @@ class _Splice:
         now = time.monotonic()
         self.watch.last = now
         self.silent_since = now
-        out: list[bytes] = []
-        for event_name, data in self.decoder.feed(raw):
-            chunk = parse_data(event_name, data)
-            if chunk is DONE:
-                self.saw_done = True
-                break
-            if not isinstance(chunk, dict):
-                continue
-            if (
-                self.response is None
-                and not tr.started
-                and (err := upstream_chunk_error(chunk, prompt_tokens_estimate=self.estimate))
-            ):
-                self.early = err
-                self.end()
-                return
-            usage = chunk.get("usage")
-            if isinstance(usage, dict):
-                call.usage = usage
-            events = tr.feed(chunk)
-            out.extend(encode_event(e) for e in events)
-            if events and events[-1]["type"] == "error":
-                call.status = error_from_type(events[-1]["error"]["type"], "").status
-            if tr.done:
-                break
+        out, self.saw_done, self.early = _piece(
+            self.decoder, tr, call, raw, self.estimate, opened=self.response is not None
+        )
+        if self.early is not None:
+            self.end()
+            return
         if out:
             if call.first_byte is None:
                 call.first_byte = time.monotonic()
