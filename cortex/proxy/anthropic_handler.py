@@ -508,8 +508,7 @@ class _Splice:
             return
         try:
             if self.response is None:
-                self.response = open_stream(cast(web.Request, self.request), 200, SSE_HEADERS)  # type: ignore[assignment]
-                assert self.response is not None
+                self.response = FastStream(self.request, 200, SSE_HEADERS)
                 self.response.headers.update(cortex_headers(self.call, self.resp.headers.get("x-request-id")))
                 self.response.open()
             self.response.send(data)
@@ -571,7 +570,7 @@ async def _translate_spliced(
             raise ConnectionResetError("the client closed the connection")
         if job.early is not None:
             raise _EarlyError(job.early)
-        return await _conclude(request, call, tr, resp, job.response, failed, job.saw_done)  # type: ignore[arg-type]
+        return await _conclude(cast(web.Request, request), call, tr, resp, job.response, failed, job.saw_done)
     except _EarlyError as early:
         lease.release(failed=failed)
         call.status = early.error.status

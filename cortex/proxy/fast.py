@@ -29,11 +29,11 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from email.utils import formatdate
 from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
+from aiohttp.helpers import rfc822_formatted_time  # formatted once per second
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -73,21 +73,6 @@ _PLAIN = ("Transfer-Encoding", "Expect", "Upgrade", "Content-Encoding")
 decompresses and bounds an encoded one)."""
 _SKIP = frozenset(("content-length", "transfer-encoding", "connection", "date", "server"))
 _SERVER = SERVER_SOFTWARE.encode()
-
-
-class _Date:
-    """The ``Date`` header value, formatted once per second."""
-
-    second = 0
-    value = b""
-
-    @classmethod
-    def now(cls) -> bytes:
-        second = int(time.time())
-        if second != cls.second:
-            cls.second = second
-            cls.value = formatdate(second, usegmt=True).encode()
-        return cls.value
 
 
 class Connections:
@@ -183,7 +168,17 @@ class FastRequest:
     request, so a handler's stream is written by aiohttp's own writer on :class:`ClientProtocol`.
     """
 
-    __slots__ = ("_protocol", "_writer", "content", "content_length", "headers", "keep_alive", "method", "path")
+    __slots__ = (
+        "_protocol",
+        "_writer",
+        "answered",
+        "content",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "method",
+        "path",
+    )
 
     version = HttpVersion11
 
@@ -204,9 +199,12 @@ class FastRequest:
         self.content_length = length
         self.content = content
         self.keep_alive = keep_alive
+        self.answered = False
+        """Whether any byte of the answer went out (a failure after it can only close the connection)."""
 
     @property
     def _payload_writer(self) -> AbstractStreamWriter:
+        self.answered = True
         if self._writer is None:
             self._writer = StreamWriter(self._protocol, self._protocol.loop)
         return self._writer
@@ -228,7 +226,7 @@ def _head(status: int, reason: str, headers: CIMultiDict[str], keep_alive: bool,
         if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
             raise ValueError(f"newline in the {name!r} response header")
         lines.append(f"{name}: {value}\r\n".encode("latin-1"))
-    lines.append(b"%sDate: %s\r\nServer: %s\r\n" % (framing, _Date.now(), _SERVER))
+    lines.append(b"%sDate: %s\r\nServer: %s\r\n" % (framing, rfc822_formatted_time().encode(), _SERVER))
     if not keep_alive:
         lines.append(b"Connection: close\r\n")
     lines.append(b"\r\n")
@@ -275,6 +273,7 @@ class FastStream(web.StreamResponse):
         """Send the head now (``prepare`` without waiting; a no-op once sent)."""
         if not self._open:
             self._open = True
+            self._fast.answered = True
             head = _head(self.status, self.reason, self.headers, self.keep_alive, b"Transfer-Encoding: chunked\r\n")
             self._transport().write(b"".join(head))
 
@@ -526,7 +525,7 @@ class ClientProtocol(BaseProtocol):
             pass  # the client went away mid-answer (aiohttp's writer raises a ConnectionError subclass)
         except Exception:
             log.exception("gateway: internal error answering %s", request.path)
-            if request._writer is None and self.transport is not None:
+            if not request.answered and self.transport is not None:
                 self.transport.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
         finally:
             self._task = None
@@ -552,6 +551,7 @@ class ClientProtocol(BaseProtocol):
         if not resp.prepared and type(resp) is web.Response:
             data = serialize(resp, keep_alive)
             if data is not None:
+                request.answered = True
                 transport.write(data)
                 return keep_alive
         if not keep_alive:

@@ -11,7 +11,9 @@ import gzip
 import json
 import socket
 
-from cortex.proxy.fast import FAST_BODY_MAX
+from aiohttp import web
+
+from cortex.proxy.fast import FAST_BODY_MAX, ClientProtocol, Connections, Handler, open_stream
 from cortex.sim import SimModel, SimNode
 from tests.hardening.conftest import WAIT_S, Gateway, GatewayFactory, wait_until
 from tests.hardening.rawhttp import Reply, read_reply, request_bytes
@@ -231,3 +233,43 @@ async def test_a_slow_reader_pauses_the_node_and_gets_every_chunk(gateway: Gatew
         await gw.settled()
     finally:
         await node.stop()
+
+
+async def test_a_handler_that_fails_gets_a_500_only_before_its_answer_began() -> None:
+    """A bug in a handler: before any byte went out the client gets a 500; after a stream's head went out
+    the connection is closed, never a second status line inside the stream."""
+
+    async def fails_early(_request: web.Request) -> web.StreamResponse:
+        raise RuntimeError("a bug before the answer")
+
+    async def fails_late(request: web.Request) -> web.StreamResponse:
+        response = open_stream(request, 200, {"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: 1\n\n")
+        raise RuntimeError("a bug mid-stream")
+
+    async def unused(_request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(status=404)
+
+    conns = Connections(10, 5.0, 5.0)
+    routes: dict[bytes, Handler] = {b"/early": fails_early, b"/late": fails_late}
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: ClientProtocol(web.Server(unused), conns, routes), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        answers = {}
+        for path in ("/early", "/late"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(keep_alive(request_bytes(path, b"{}")))
+                answers[path] = await asyncio.wait_for(reader.read(), WAIT_S)  # to the close
+            finally:
+                writer.transport.abort()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert answers["/early"].startswith(b"HTTP/1.1 500 ")
+    late = answers["/late"]
+    assert late.startswith(b"HTTP/1.1 200 ")
+    assert b"data: 1" in late
+    assert late.count(b"HTTP/1.1") == 1
