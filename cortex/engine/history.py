@@ -19,7 +19,7 @@ from typing import NamedTuple
 from cortex.engine.metrics import RequestOutcome
 from cortex.engine.state import RequestRecord
 
-__all__ = ["MAX_LOADS", "MAX_REQUESTS", "WINDOW_S", "Finished", "TrafficHistory"]
+__all__ = ["MAX_LOADS", "MAX_REQUESTS", "WINDOW_S", "Finished", "TrafficHistory", "finished"]
 
 WINDOW_S = 3600.0
 """How far back the history reaches (the console's "last hour")."""
@@ -41,6 +41,18 @@ class Finished(NamedTuple):
     """Seconds the node was busy with it (its whole time less the wait for a load)."""
     waited: float
     """Seconds it waited for its model to load."""
+
+
+def finished(outcome: RequestOutcome, record: RequestRecord) -> Finished | None:
+    """A finished request's record-line facts; None for one refused before routing (nothing the fleet did).
+
+    The one derivation behind both the history and the ``[gateway] record`` file.
+    """
+    if outcome.model == "unknown":
+        return None
+    took = outcome.ended - outcome.started
+    busy = max(0.0, took - outcome.queue_s)
+    return Finished(round(record.ts - took, 3), outcome.model, round(busy, 3), round(outcome.queue_s, 3))
 
 
 class TrafficHistory:
@@ -69,13 +81,9 @@ class TrafficHistory:
 
     def add_request(self, outcome: RequestOutcome, record: RequestRecord) -> None:
         """Note a finished request (the request path calls this: it only appends a tuple)."""
-        if outcome.model == "unknown":
-            return  # refused before routing: nothing the fleet did (the recorder skips it too)
-        took = outcome.ended - outcome.started
-        busy = max(0.0, took - outcome.queue_s)
-        self._requests.append(
-            Finished(round(record.ts - took, 3), outcome.model, round(busy, 3), round(outcome.queue_s, 3))
-        )
+        item = finished(outcome, record)
+        if item is not None:
+            self._requests.append(item)
 
     def add_load(self, at: float, model: str, seconds: float | None) -> None:
         """Note a load cortex carried out (``seconds``: how long it took, when measured)."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from cortex.engine.history import finished
 from cortex.engine.metrics import RequestOutcome
 from cortex.engine.state import RequestRecord
 
@@ -57,21 +58,21 @@ class TraceRecorder:
 
     def add(self, outcome: RequestOutcome, record: RequestRecord) -> None:
         """Note one finished request (cheap: the request path calls this)."""
-        if outcome.model == "unknown":
-            return  # refused before routing: nothing the fleet did
-        busy = max(0.0, outcome.ended - outcome.started - outcome.queue_s)
+        item = finished(outcome, record)
+        if item is None:
+            return
         if len(self._lines) >= MAX_BUFFERED:
             del self._lines[0]
             self.dropped += 1
         self._lines.append(
             {
-                "t": round(record.ts - (outcome.ended - outcome.started), 3),
-                "model": outcome.model,
-                "dur": round(busy, 3),
+                "t": item.t,
+                "model": item.model,
+                "dur": item.dur,
                 "node": outcome.node,
                 "prompt_tokens": record.prompt_tokens,
                 "completion_tokens": record.completion_tokens,
-                "waited_s": round(outcome.queue_s, 3),
+                "waited_s": item.waited,
                 "status": outcome.status,
             }
         )
