@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -37,9 +36,6 @@ from cortex.engine.state import (
 __all__ = ["Fleet", "NodeRec", "SlotRec", "StateStore"]
 
 log = logging.getLogger(__name__)
-
-DEMAND_TAU_S = 600.0
-"""Time constant of the decayed request counts behind :meth:`Fleet.demand_rate` (the ``cost`` strategy)."""
 
 
 class SlotRec:
@@ -175,8 +171,6 @@ class Fleet:
         self.facts = {m.id: m for m in settings.models}
         self.priorities = {m.id: m.priority for m in settings.models}
         self.queued: dict[str, int] = {}
-        self.demand: dict[str, tuple[float, float]] = {}
-        """model id → (request count decayed with :data:`DEMAND_TAU_S`, clock time of its last update)."""
         self.loading: dict[str, tuple[str, float]] = {}
         """model id → (node, wall time the load started), for loads cortex is running."""
         self.pins: dict[str, set[str]] = {}
@@ -294,17 +288,6 @@ class Fleet:
         if known is not None:
             return known
         return max(self.floor(model_id), self.unknown_share(node))
-
-    def requested(self, model_id: str) -> None:
-        """Count one request for a model in its decayed demand (every lease granted calls this)."""
-        now = self.clock()
-        count, at = self.demand.get(model_id, (0.0, now))
-        self.demand[model_id] = (count * math.exp(-max(0.0, now - at) / DEMAND_TAU_S) + 1.0, now)
-
-    def demand_rate(self, model_id: str) -> float:
-        """The model's recent request rate (per second): recent requests weigh most, old ones fade out."""
-        count, at = self.demand.get(model_id, (0.0, 0.0))
-        return count * math.exp(-max(0.0, self.clock() - at) / DEMAND_TAU_S) / DEMAND_TAU_S
 
     def is_pinned(self, node: str, model_id: str) -> bool:
         """Whether a model is pinned on a node."""

@@ -155,7 +155,6 @@ class Lease:
         self._released = False
         node.in_flight += 1
         self.slot.in_flight += 1
-        fleet.requested(model)
         fleet.touch()
 
     def release(self, *, failed: str | None = None) -> None:
@@ -271,6 +270,18 @@ class Lifecycle:
         name = pick_node(model, self.fleet.nodes.values(), exclude)
         return None if name is None else self.fleet.nodes[name]
 
+    def lease_now(self, model: str, exclude: tuple[str, ...] = ()) -> Lease | None:
+        """A lease at once where ``model`` is loaded and may take a request, else None (nothing waits).
+
+        Every request that starts here or in :meth:`acquire` is noted in :attr:`uses` once, whichever way
+        it is granted: the ``cost`` strategy's reuse evidence must see streams served at once as well.
+        """
+        node = self.route(model, exclude)
+        if node is None:
+            return None
+        self.uses.note(model, self.fleet.clock())
+        return Lease(self.fleet, node, model, 0.0)
+
     async def acquire(
         self,
         model: str,
@@ -289,10 +300,9 @@ class Lifecycle:
             LoadFailed: every node that could load it failed.
             NoNodeAvailable: every node that lists it is down.
         """
-        node = self.route(model, exclude)
-        if node is not None:
-            self.uses.note(model, self.fleet.clock())
-            return Lease(self.fleet, node, model, 0.0)
+        lease = self.lease_now(model, exclude)
+        if lease is not None:
+            return lease
         listed = list(self.fleet.listed(model))
         if not listed:
             raise UnknownModel(f"model {model!r} is not served by any node")
@@ -463,10 +473,10 @@ class Lifecycle:
         mean = sum(self.load_s.values()) / len(self.load_s) if self.load_s else DEFAULT_LOAD_S
         now = self.fleet.clock()
         out: dict[str, ModelStats] = {}
-        for m in self.fleet.demand.keys() | self.load_s.keys() | set(self.uses.models()):
+        for m in self.load_s.keys() | set(self.uses.models()):
             seen = self.uses.figures(m, now)
             since, bursts, gap, pace = seen if seen is not None else (None, 0, 0.0, math.inf)
-            out[m] = ModelStats(self.fleet.demand_rate(m), self.load_s.get(m, mean), since, bursts, gap, pace)
+            out[m] = ModelStats(self.load_s.get(m, mean), since, bursts, gap, pace)
         return out
 
     def changed(self) -> None:

@@ -83,13 +83,10 @@ GAP_WEIGHT = 0.5
 class ModelStats:
     """What the ``cost`` strategy knows about a model's demand and reload."""
 
-    rate: float = 0.0
-    """Requests per second, exponentially decayed (recent requests weigh more; a model left alone fades).
-    Used only for a model without burst history (``since_s`` None)."""
     load_s: float = DEFAULT_LOAD_S
     """Seconds a load of it takes (measured, else an estimate)."""
     since_s: float | None = None
-    """Seconds since its last request (None: no burst history, the decayed ``rate`` speaks instead)."""
+    """Seconds since its last request (None: never asked for, so no evidence that it will be)."""
     bursts: int = 0
     """Bursts of requests seen (:data:`BURST_GAP_S` apart or more), the one under way included."""
     gap_s: float = 0.0
@@ -163,11 +160,11 @@ def next_use_s(s: ModelStats, cycle: float = math.inf) -> float:
     ``cycle`` (:func:`cycle_s`) after its last request, however overdue (so that among such models the most
     recently used is expected back last); ``inf`` without a cycle. With reuse history: the typical gap minus
     the time already idle, and once the model is later than that, as long again as it is late (a model quiet
-    for long is likely to stay quiet); never less than :data:`BURST_GAP_S` outside a burst. Without history:
-    the mean gap of a Poisson stream at the decayed rate.
+    for long is likely to stay quiet); never less than :data:`BURST_GAP_S` outside a burst. Never asked for:
+    ``inf``.
     """
     if s.since_s is None:
-        return 1.0 / s.rate if s.rate > 0 else math.inf
+        return math.inf
     if in_burst(s):
         return max(s.since_s, 1.0)
     if s.bursts < 2:

@@ -255,9 +255,9 @@ async def acquire_streaming(
         CortexError: from the engine, before anything was sent.
         WaitFailed: from the engine, after notices were sent (the stream must be finished by the caller).
     """
-    node = engine.lifecycle.route(call.model)
-    if node is not None:
-        return Lease(engine.fleet, node, call.model, 0.0), None
+    lease = engine.lifecycle.lease_now(call.model)
+    if lease is not None:
+        return lease, None
     response: web.StreamResponse | None = None
     last_notice = 0.0
 

@@ -273,3 +273,23 @@ async def test_a_handler_that_fails_gets_a_500_only_before_its_answer_began() ->
     assert late.startswith(b"HTTP/1.1 200 ")
     assert b"data: 1" in late
     assert late.count(b"HTTP/1.1") == 1
+
+
+async def test_every_request_counts_as_a_use_streamed_or_not(sim: SimNode, gateway: GatewayFactory) -> None:
+    """The ``cost`` strategy's reuse evidence sees each request once: a stream served at once from a
+    loaded model too (it does not pass through ``Lifecycle.acquire``'s queue)."""
+    gw = await gateway(sim.url)
+    stream = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    for body in (CHAT, stream, stream):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(request_bytes("/v1/chat/completions", body))
+            assert (await asyncio.wait_for(reader.read(), WAIT_S)).startswith(b"HTTP/1.1 200")
+        finally:
+            writer.transport.abort()
+    lifecycle = gw.engine.lifecycle
+    figures = lifecycle.uses.figures("m", lifecycle.fleet.clock())
+    assert figures is not None
+    _since, bursts, _gap, pace = figures
+    assert bursts == 1
+    assert pace < 60  # three requests close together: a pace was measured, so all three were noted

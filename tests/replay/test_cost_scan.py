@@ -71,7 +71,7 @@ def _stats(log: UseLog, now: float, models: list[str]) -> dict[str, ModelStats]:
         figures = log.figures(m, now)
         assert figures is not None
         since, bursts, gap, pace = figures
-        out[m] = ModelStats(rate=0.0, load_s=10.0, since_s=since, bursts=bursts, gap_s=gap, pace_s=pace)
+        out[m] = ModelStats(load_s=10.0, since_s=since, bursts=bursts, gap_s=gap, pace_s=pace)
     return out
 
 

@@ -100,10 +100,11 @@ def test_cost_order_evicts_the_cheapest_miss_first() -> None:
         return ModelSlot(model, SlotState.LOADED, 0.0, vram_mb=mb, frees_mb=mb, last_used=last_used)
 
     slots = [slot("busy-big", 20_000, 10.0), slot("rare", 10_000, 50.0), slot("hot-small", 4_000, 5.0)]
+    # All three quiet for 200 s (their bursts are over); "rare" typically comes back only after 5,000 s.
     stats = {
-        "busy-big": ModelStats(rate=0.05, load_s=60.0),
-        "rare": ModelStats(rate=0.0001, load_s=30.0),
-        "hot-small": ModelStats(rate=0.1, load_s=10.0),
+        "busy-big": ModelStats(load_s=60.0, since_s=200.0, bursts=5, gap_s=300.0),
+        "rare": ModelStats(load_s=30.0, since_s=200.0, bursts=3, gap_s=5_000.0),
+        "hot-small": ModelStats(load_s=10.0, since_s=200.0, bursts=9, gap_s=250.0),
     }
     order = [s.model_id for s in victim_order(slots, strategy="cost", priorities={}, stats=stats)]
     assert order[0] == "rare"
