@@ -105,6 +105,7 @@ def main() -> int:
     parser.add_argument("--folded", type=Path, help="keep py-spy's folded stacks here")
     parser.add_argument("--pythonpath", help="prepend this to cortex's PYTHONPATH (a sitecustomize, say)")
     parser.add_argument("--cprofile", type=Path, help="run cortex under cProfile instead, writing its stats here")
+    parser.add_argument("--no-spy", action="store_true", help="measure CPU only (no profiler): for an A/B")
     parser.add_argument("--anthropic", action="store_true", help="with --stream: POST /v1/messages streams")
     parser.add_argument(
         "--stream", action="store_true", help="streamed chunks instead: 2 streams at a time of 500 chunks at 500/s"
@@ -170,7 +171,7 @@ def main() -> int:
         main_job.write_text(json.dumps(job))
         spy_argv = [spy, "record", "--pid", str(cortex.pid), "--rate", str(args.rate), "--format", "raw"]
         spy_argv += ["-o", str(folded)]
-        rec = procs.start("py-spy", spy_argv if not args.cprofile else ["sleep", "3600"])
+        rec = procs.start("py-spy", spy_argv if not (args.cprofile or args.no_spy) else ["sleep", "3600"])
         time.sleep(1.0)
         t0 = time.monotonic()
         done = subprocess.run(
@@ -186,7 +187,8 @@ def main() -> int:
     else:
         reqs = result.get("requests", args.requests)
         print(f"{reqs} requests in {wall:.1f} s; cortex CPU {1e6 * cpu / max(reqs, 1):.1f} µs per request")
-    print(summarise(folded, args.top))
+    if not (args.cprofile or args.no_spy):
+        print(summarise(folded, args.top))
     if args.folded is None:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -24,7 +24,7 @@ from cortex.config import Settings
 from cortex.engine import commands as cmd
 from cortex.engine.affinity import AffinityStore, responses_path
 from cortex.engine.agents import AgentHub
-from cortex.engine.events import Event, EventBus, ModelLoaded, ModelPinChanged, NodeStatusChanged
+from cortex.engine.events import Event, EventBus, ModelLoaded, ModelPinChanged, NodeStatusChanged, RequestCompleted
 from cortex.engine.facade import WhatIf
 from cortex.engine.fleet import Fleet, NodeRec, StateStore
 from cortex.engine.history import TrafficHistory
@@ -78,6 +78,7 @@ class Engine:
         )
         """Writes the traffic record for ``cortex replay`` (``gateway.record``), or None."""
         self.history = TrafficHistory(clock)
+        self._unrecorded: list[RequestOutcome] = []
         """The last hour of finished requests and loads (the console's loads/h and what-if), record or not."""
         self._whatif: asyncio.Task[WhatIf] | None = None
         self.affinity = AffinityStore(responses_file or responses_path(state_path))
@@ -368,20 +369,37 @@ class Engine:
 
     def record(self, outcome: RequestOutcome) -> None:
         """Count a finished request (metrics, windows, request log, event)."""
-        from cortex.engine.events import RequestCompleted
+        self._record(outcome)
+        self.fleet.touch()
+        self.lifecycle.changed()
 
+    def _record(self, outcome: RequestOutcome) -> None:
         record = self.metrics.request_done(outcome)
         self.history.add_request(outcome, record)
         if self.recorder is not None:
             self.recorder.add(outcome, record)
-        self.fleet.touch()
         if self.bus.subscribers:
             self.bus.publish(RequestCompleted(record))
-        self.lifecycle.changed()
 
     def record_soon(self, outcome: RequestOutcome) -> None:
-        """Like :meth:`record`, once the response has been handed to the socket (off the latency path)."""
-        asyncio.get_running_loop().call_soon(self.record, outcome)
+        """Like :meth:`record`, once the response has been handed to the socket (off the latency path).
+
+        Requests that end in the same turn of the loop are recorded together, by one callback.
+        """
+        unrecorded = self._unrecorded
+        unrecorded.append(outcome)
+        if len(unrecorded) == 1:
+            asyncio.get_running_loop().call_soon(self._record_unrecorded)
+
+    def _record_unrecorded(self) -> None:
+        batch, self._unrecorded = self._unrecorded, []
+        for outcome in batch:
+            try:
+                self._record(outcome)
+            except Exception:  # one bad record must not lose the others
+                log.exception("engine: could not record a finished request")
+        self.fleet.touch()
+        self.lifecycle.changed()
 
     def node_status_changed(self, node: NodeRec, old: str) -> None:
         """Publish a node status change made by a command."""

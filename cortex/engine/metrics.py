@@ -8,24 +8,27 @@ collector reads the current snapshot when Prometheus scrapes, so they can never 
 Label values are bounded: the gateway passes a catalogue model id or ``unknown``, never raw client input;
 load results and unload reasons are mapped onto their documented sets here.
 
-Counters and histograms are registered without their ``_created`` series (one extra gauge per labelled
-child in the text format, which Prometheus stores as a series of its own): prometheus-client only offers a
-process-wide switch for that, so each metric is registered through a small collector that drops them.
+Counters and histograms are cortex's own small cells (:class:`_Family`), rendered by prometheus-client at
+scrape time: an increment is one float addition and an observation one C ``bisect`` (prometheus-client's
+take a lock, check the value and walk the buckets in Python: 12 µs of a request's 150 went there). The text
+format is the same as prometheus-client's ``Counter`` and ``Histogram``, less their ``_created`` series (one
+extra gauge per labelled child, which Prometheus stores as a series of its own).
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from cortex.engine.state import FleetSnapshot, FleetTotals, RequestRecord, SlotState, WindowStats
 
@@ -37,6 +40,7 @@ _TPS_BUCKETS = (1, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 _MIB = 1024 * 1024
+_NUMBER = (int, float)
 LOAD_RESULTS = frozenset({"ok", "failed", "timeout"})
 """Values of ``cortex_model_loads_total{result}``; anything else is counted as ``failed``."""
 UNLOAD_REASONS = frozenset({"evict", "ttl", "manual", "defrag"})
@@ -163,7 +167,7 @@ def usage_figures(outcome: RequestOutcome) -> tuple[int, int, float | None]:
     prompt = _count(usage, "prompt_tokens", "input_tokens")
     completion = _count(usage, "completion_tokens", "output_tokens")
     decode = usage.get("avg_compl_tok_per_sec")
-    if isinstance(decode, int | float) and not isinstance(decode, bool) and decode > 0:
+    if decode is not None and isinstance(decode, _NUMBER) and not isinstance(decode, bool) and decode > 0:
         return prompt, completion, float(decode)
     first = outcome.first_byte
     if outcome.stream and completion > 1 and first is not None and outcome.ended > first:
@@ -175,27 +179,94 @@ def _count(usage: dict[str, Any], *keys: str) -> int:
     """The first positive integer count among ``keys`` (0 when none)."""
     for key in keys:
         value = usage.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        if value.__class__ is int:  # the usual case, checked first (a bool's class is bool)
+            if value > 0:
+                return int(value)
+        elif isinstance(value, _NUMBER) and not isinstance(value, bool) and value > 0:
             return int(value)
     return 0
 
 
-class _WithoutCreated(Collector):
-    """One counter or histogram, collected without its ``_created`` samples.
+class _Count:
+    """One labelled counter: a float."""
 
-    Registry-local, unlike prometheus-client's process-wide ``disable_created_metrics()``.
-    """
+    __slots__ = ("value",)
 
-    def __init__(self, metric: MetricWrapperBase) -> None:
-        self._metric = metric
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("counters can only be incremented by non-negative amounts")
+        self.value += amount
+
+
+class _Buckets:
+    """One labelled histogram: a count per bucket (not cumulative: summed at scrape) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket whose bound is >= value (le)
+        self.sum += value
+
+
+class _Family(Collector):
+    """A counter (``buckets`` None) or a histogram, its children by label values, rendered at scrape."""
+
+    def __init__(self, name: str, doc: str, labelnames: Iterable[str], buckets: tuple[float, ...] | None = None):
+        self.name = name
+        self.doc = doc
+        self.labelnames = tuple(labelnames)
+        self.buckets = buckets
+        self._les = None if buckets is None else [*(floatToGoString(b) for b in buckets), "+Inf"]  # type: ignore[no-untyped-call]
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: object) -> Any:
+        """The child for these label values (made on first use), a :class:`_Count` or :class:`_Buckets`."""
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            if len(key) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes {len(self.labelnames)} label values, not {len(key)}")
+            child = self._children[key] = _Count() if self.buckets is None else _Buckets(self.buckets)
+        return child
 
     def describe(self) -> Iterable[Metric]:
-        return self._metric.describe()
+        return [self._empty()]
+
+    def _empty(self) -> CounterMetricFamily | HistogramMetricFamily:
+        if self._les is None:
+            return CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        return HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
 
     def collect(self) -> Iterator[Metric]:
-        for family in self._metric.collect():
-            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
-            yield family
+        family = self._empty()
+        les = self._les
+        for key, child in list(self._children.items()):
+            if isinstance(family, CounterMetricFamily):
+                family.add_metric(key, child.value)
+            elif les is not None:
+                running = 0.0
+                buckets = []
+                for le, count in zip(les, child.counts, strict=True):
+                    running += count
+                    buckets.append((le, running))
+                family.add_metric(key, buckets, child.sum)
+        yield family
+
+
+def _counter(name: str, doc: str, labelnames: Iterable[str]) -> _Family:
+    return _Family(name, doc, labelnames)
+
+
+def _histogram(name: str, doc: str, labelnames: Iterable[str], buckets: tuple[float, ...]) -> _Family:
+    return _Family(name, doc, labelnames, tuple(float(b) for b in buckets))
 
 
 class _FleetCollector(Collector):
@@ -273,30 +344,30 @@ class _Children:
     def __init__(self, metrics: CortexMetrics, model: str, node: str, api: str, status: int) -> None:
         self._metrics = metrics
         self._key = (model, node, api)
-        self.requests: Counter = metrics.requests.labels(model, node, api, str(status))
-        self.duration: Histogram = metrics.duration.labels(model, node, api)
-        self.overhead: Histogram = metrics.overhead.labels(api)
-        self._ttft: Histogram | None = None
-        self._prompt: Counter | None = None
-        self._completion: Counter | None = None
-        self._decode: Histogram | None = None
+        self.requests: _Count = metrics.requests.labels(model, node, api, str(status))
+        self.duration: _Buckets = metrics.duration.labels(model, node, api)
+        self.overhead: _Buckets = metrics.overhead.labels(api)
+        self._ttft: _Buckets | None = None
+        self._prompt: _Count | None = None
+        self._completion: _Count | None = None
+        self._decode: _Buckets | None = None
 
-    def ttft(self) -> Histogram:
+    def ttft(self) -> _Buckets:
         if self._ttft is None:
             self._ttft = self._metrics.ttft.labels(*self._key)
         return self._ttft
 
-    def prompt(self) -> Counter:
+    def prompt(self) -> _Count:
         if self._prompt is None:
             self._prompt = self._metrics.prompt_tokens.labels(*self._key)
         return self._prompt
 
-    def completion(self) -> Counter:
+    def completion(self) -> _Count:
         if self._completion is None:
             self._completion = self._metrics.completion_tokens.labels(*self._key)
         return self._completion
 
-    def decode(self) -> Histogram:
+    def decode(self) -> _Buckets:
         if self._decode is None:
             self._decode = self._metrics.decode.labels(self._key[0], self._key[1])
         return self._decode
@@ -315,72 +386,58 @@ class CortexMetrics:
         self.clock = clock
         self.window_s = window_s
         self.registry = CollectorRegistry(auto_describe=True)
-        r = None  # registered below, through _WithoutCreated
-        self.requests = Counter(
-            "cortex_requests_total", "Client requests by outcome", ["model", "node", "api", "status"], registry=r
+        self.requests = _counter(
+            "cortex_requests_total", "Client requests by outcome", ["model", "node", "api", "status"]
         )
-        self.duration = Histogram(
+        self.duration = _histogram(
             "cortex_request_duration_seconds",
             "End-to-end request latency seen by cortex",
             ["model", "node", "api"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = _histogram(
             "cortex_time_to_first_token_seconds",
             "Request accepted to first content byte forwarded; streaming requests only (a non-streaming answer"
             " arrives whole, so its time is in cortex_request_duration_seconds)",
             ["model", "node", "api"],
             buckets=_TTFT_BUCKETS,
-            registry=r,
         )
-        self.prompt_tokens = Counter(
-            "cortex_prompt_tokens_total", "Prompt tokens (from the node's usage)", ["model", "node", "api"], registry=r
+        self.prompt_tokens = _counter(
+            "cortex_prompt_tokens_total", "Prompt tokens (from the node's usage)", ["model", "node", "api"]
         )
-        self.completion_tokens = Counter(
+        self.completion_tokens = _counter(
             "cortex_completion_tokens_total",
             "Completion tokens (from the node's usage)",
             ["model", "node", "api"],
-            registry=r,
         )
-        self.decode = Histogram(
+        self.decode = _histogram(
             "cortex_generation_tokens_per_second",
             "Decode speed per request",
             ["model", "node"],
             buckets=_TPS_BUCKETS,
-            registry=r,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = _histogram(
             "cortex_queue_wait_seconds",
             "Time a request waited for its model to be placed and loaded",
             ["model"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.overhead = Histogram(
+        self.overhead = _histogram(
             "cortex_proxy_overhead_seconds",
             "Time spent in cortex itself, queue and upstream excluded",
             ["api"],
             buckets=_OVERHEAD_BUCKETS,
-            registry=r,
         )
-        self.loads = Counter(
-            "cortex_model_loads_total", "Model loads cortex asked for", ["model", "node", "result"], registry=r
-        )
-        self.load_duration = Histogram(
+        self.loads = _counter("cortex_model_loads_total", "Model loads cortex asked for", ["model", "node", "result"])
+        self.load_duration = _histogram(
             "cortex_model_load_duration_seconds",
             "Time a node took to load a model",
             ["model", "node"],
             buckets=_LOAD_BUCKETS,
-            registry=r,
         )
-        self.unloads = Counter(
-            "cortex_model_unloads_total", "Model unloads by reason", ["model", "node", "reason"], registry=r
-        )
-        self.cycles = Counter("cortex_eviction_cycles_total", "Eviction rounds per node", ["node"], registry=r)
-        self.restarts = Counter(
-            "cortex_node_restarts_total", "Node server restarts through the agent", ["node"], registry=r
-        )
+        self.unloads = _counter("cortex_model_unloads_total", "Model unloads by reason", ["model", "node", "reason"])
+        self.cycles = _counter("cortex_eviction_cycles_total", "Eviction rounds per node", ["node"])
+        self.restarts = _counter("cortex_node_restarts_total", "Node server restarts through the agent", ["node"])
         self._fleet_source: Callable[[], FleetSnapshot | None] = lambda: None
         for metric in (
             self.requests,
@@ -397,7 +454,7 @@ class CortexMetrics:
             self.cycles,
             self.restarts,
         ):
-            self.registry.register(_WithoutCreated(metric))
+            self.registry.register(metric)
         self.registry.register(_FleetCollector(lambda: self._fleet_source()))
         self._children: dict[tuple[str, str, str, int], _Children] = {}
         self._windows: dict[tuple[str, str], SlidingWindow] = {}
@@ -452,19 +509,9 @@ class CortexMetrics:
         self._window("model", o.model).add(now, error=error, tokens=completion, ttft=ttft, decode=decode)
         if o.node:
             self._window("node", o.node).add(now, error=error, tokens=completion, ttft=ttft, decode=decode)
+        # positional: keywords cost as much again on the request path
         record = RequestRecord(
-            ts=now,
-            api=o.api,
-            model=o.model,
-            node=o.node,
-            status=o.status,
-            ttft_s=ttft,
-            tok_s=decode,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            latency_s=latency,
-            queue_s=o.queue_s,
-            stream=o.stream,
+            now, o.api, o.model, o.node, o.status, ttft, decode, prompt, completion, latency, o.queue_s, o.stream
         )
         self._ring.append(record)
         self._ring_view = None

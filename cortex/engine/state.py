@@ -196,9 +196,14 @@ class ModelView:
     stats: WindowStats = field(default_factory=WindowStats)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RequestRecord:
-    """One finished request, for the console's request log."""
+    """One finished request, for the console's request log.
+
+    Treat it as immutable (it is hashed: the console caches its rendered cells per record). It is not
+    ``frozen`` only because a frozen dataclass sets each field through ``object.__setattr__``: 1.7 µs per
+    request against 0.25 µs, on the request path.
+    """
 
     ts: float
     api: str

@@ -404,6 +404,10 @@ def _piece(
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             call.usage = usage
+        encoded = tr.text_delta(chunk)  # the usual chunk, straight to bytes
+        if encoded is not None:
+            out.append(encoded)
+            continue
         events = tr.feed(chunk)
         out.extend(encode_event(e) for e in events)
         if events and events[-1]["type"] == "error":
@@ -490,6 +494,28 @@ class _Splice:
         now = time.monotonic()
         self.watch.last = now
         self.silent_since = now
+        if (
+            self.response is not None
+            and raw[:5] == b"data:"
+            and raw[-2:] == b"\n\n"
+            and raw.count(b"\n") == 2
+            and self.decoder.idle
+            and b"\r" not in raw
+        ):
+            # The usual read: one whole chunk of text for the open block, straight from bytes to bytes
+            # (what _piece would do, less the line decoder and the per-event steps).
+            try:
+                chunk = orjson.loads(raw[5:-2])
+            except ValueError:
+                chunk = None
+            if type(chunk) is dict:
+                usage = chunk.get("usage")
+                if isinstance(usage, dict):
+                    call.usage = usage
+                encoded = tr.text_delta(chunk)
+                if encoded is not None:
+                    self.send(encoded)
+                    return
         out, self.saw_done, self.early = _piece(
             self.decoder, tr, call, raw, self.estimate, opened=self.response is not None
         )

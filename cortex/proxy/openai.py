@@ -83,7 +83,7 @@ def validate_openai(path: str, data: dict[str, Any]) -> None:
         messages = data.get("messages")
         if messages is None:
             raise BadRequest("`messages` is required", param="messages")
-        if not isinstance(messages, list | str) or not messages:
+        if not isinstance(messages, (list, str)) or not messages:
             raise BadRequest("`messages` must be a non-empty array", param="messages")
         if isinstance(messages, list):
             for i, msg in enumerate(messages):

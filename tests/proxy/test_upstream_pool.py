@@ -627,3 +627,65 @@ async def test_a_poke_interrupts_a_silent_read_without_losing_bytes() -> None:
     assert not later.done()
     resp._finish()
     assert await later == b""
+
+
+ODD_HEADS = [
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Trail: a b  \t\r\nx-empty:\r\nX-Twice: 1\r\n"
+    b'x-twice: 2\r\nContent-Length: 7\r\n\r\n{"a":1}',
+    b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\nConnection: close\r\n\r\nno",
+    b"HTTP/1.1 201 \r\nContent-Length: 0\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("answer", ODD_HEADS, ids=["headers", "close", "empty"])
+async def test_an_answer_read_at_once_equals_the_same_answer_read_in_pieces(answer: bytes, pool: UpstreamPool) -> None:
+    """A node's answer that comes in one read is parsed by cortex's own expressions, one in pieces by
+    llhttp: the status, headers (lower-case names, last repeat wins, trailing blanks stripped), body and
+    keep-alive must come out the same."""
+
+    def node(pieces: bool) -> OnConn:
+        async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while await read_request(reader):
+                for i in range(0, len(answer), 5 if pieces else len(answer)):
+                    writer.write(answer[i : i + (5 if pieces else len(answer))])
+                    await writer.drain()
+                    if pieces:
+                        await asyncio.sleep(0.002)
+            writer.close()
+
+        return on_conn
+
+    seen = []
+    for pieces in (False, True):
+        server, url = await raw_server(node(pieces))
+        async with server:
+            resp = await pool.post(url, "/x", b"{}", {})
+            body = await resp.read()
+            await asyncio.sleep(0.02)
+            seen.append((resp.status, dict(resp.headers), body, pool.idle_count(url)))
+    assert seen[0] == seen[1]
+    status, headers, body, idle = seen[0]
+    assert status == int(answer[9:12])
+    assert body == answer.partition(b"\r\n\r\n")[2]
+    assert idle == (0 if b"Connection: close" in answer else 1)
+    if status == 200:
+        assert (headers["x-trail"], headers["x-empty"], headers["x-twice"]) == ("a b", "", "2")
+
+
+async def test_an_answer_with_bytes_after_it_is_not_taken_whole(pool: UpstreamPool) -> None:
+    """Two answers in one read: the first is this request's, the second was never asked for. The read
+    goes to llhttp, which refuses the connection after handing on the first answer."""
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader):
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno"
+            )
+            await writer.drain()
+
+    server, url = await raw_server(on_conn)
+    async with server:
+        resp = await pool.post(url, "/x", b"{}", {})
+        assert await resp.read() == b"ok"
+        await asyncio.sleep(0.02)
+        assert pool.idle_count(url) == 0, "a connection that answered twice is not reused"

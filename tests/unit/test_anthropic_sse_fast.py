@@ -136,3 +136,30 @@ def test_the_decoder_splits_lines_alike_whatever_the_line_ends_and_the_reads(
     reference = SSEDecoder()
     lf = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     assert got == reference.feed(lf) + reference.close()
+
+
+READS = st.sampled_from(
+    [
+        b"data:{}\n\n",
+        b"data: {}\n\n",
+        b"data:\n\n",
+        b"event: progress\n",
+        b"event: message\n",
+        b": ka\n\n",
+        b"data: x",
+        b"\n",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(reads=st.lists(READS, max_size=10))
+def test_a_read_that_is_one_whole_data_event_decodes_as_byte_by_byte(reads: list[bytes]) -> None:
+    """A read of exactly ``data:…\\n\\n`` skips the line search: it must still see the event name, the
+    partial line or the data lines that earlier reads left."""
+    decoder = SSEDecoder()
+    got = [event for read in reads for event in decoder.feed(read)] + decoder.close()
+    reference = SSEDecoder()
+    raw = b"".join(reads)
+    expected = [event for i in range(len(raw)) for event in reference.feed(raw[i : i + 1])] + reference.close()
+    assert got == expected

@@ -833,3 +833,64 @@ def test_property_sse_decoder_survives_any_fragmentation(
         got += decoder.feed(raw[a:b])
     got += decoder.close()
     assert got == expected
+
+
+EXTRA_TEXT_CASES: list[tuple[list[Item], dict[str, Any], int | None]] = [
+    # (items, translator arguments, how many chunks the shortcut takes)
+    ([text("a"), text("b"), chunk({"content": "c"}, usage=USAGE), chunk(finish="stop"), "DONE"], {}, 1),
+    (
+        [text("a"), {**text("b"), "choices": [{"index": 1, "delta": {"content": "x"}}, {"delta": {"content": "y"}}]}],
+        {},
+        0,
+    ),
+    (
+        [
+            text("a"),
+            chunk({"content": "b", "reasoning_content": "hm"}),
+            text("c"),
+            chunk({"content": "d", "tool_calls": []}),
+        ],
+        {},
+        2,
+    ),
+    ([text("a"), text(""), text(" "), chunk({"content": 3}), {"error": {"message": "boom"}}, text("z")], {}, 1),
+    ([text('é🙂"\\\n'), text("x"), chunk({"content": "x"}, finish="length"), text("after")], {}, 1),
+    ([text("a"), text("b"), text("c")], {"stop_sequences": ["zz"]}, 0),
+    ([text("a"), text("b"), text("c")], {"thinking": False}, 2),
+]
+
+
+SHORTCUT_CASES: list[tuple[list[Item], dict[str, Any], int | None]] = [(c[1], c[2], None) for c in STREAM_CASES]
+
+
+@pytest.mark.parametrize(("items", "kwargs", "taken"), SHORTCUT_CASES + EXTRA_TEXT_CASES)
+def test_the_text_delta_shortcut_writes_what_feed_and_encode_write(
+    items: list[Item], kwargs: dict[str, Any], taken: int | None
+) -> None:
+    """``StreamTranslator.text_delta`` (the gateway's path for the usual chunk) against ``feed`` then
+    ``encode_event``: the same bytes, chunk by chunk, and the same closing events (its output count)."""
+
+    def translate(shortcut: bool) -> tuple[list[bytes], int]:
+        translator = StreamTranslator(model="m", input_tokens_estimate=42, message_id="msg_1", **kwargs)
+        out: list[bytes] = []
+        took = 0
+        for item in items:
+            if item == "DONE":
+                out.append(b"".join(encode_event(e) for e in translator.finish(saw_done=True)))
+            elif item == "EOF":
+                out.append(b"".join(encode_event(e) for e in translator.finish()))
+            elif item == "PING":
+                out.append(b"".join(encode_event(e) for e in translator.ping()))
+            else:
+                assert not isinstance(item, str)
+                encoded = translator.text_delta(item) if shortcut else None
+                took += encoded is not None
+                out.append(encoded if encoded is not None else b"".join(encode_event(e) for e in translator.feed(item)))
+        out.append(b"".join(encode_event(e) for e in translator.finish(saw_done=True)))
+        return out, took
+
+    plain, _ = translate(False)
+    short, took = translate(True)
+    assert short == plain
+    if taken is not None:
+        assert took == taken

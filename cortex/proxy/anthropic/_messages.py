@@ -203,7 +203,7 @@ class MessageConverter:
             if not isinstance(msg, Mapping):
                 raise bad_request(f"messages.{i}: Input should be an object")
             role, content = msg.get("role"), msg.get("content")
-            if not isinstance(content, str | list):
+            if not isinstance(content, (str, list)):
                 raise bad_request(f"messages.{i}.content: Input should be a string or an array of blocks")
             if role == "system":
                 self.system.extend(system_text(content, drop_billing_header=drop_billing_header))

@@ -62,7 +62,7 @@ def _number(body: Mapping[str, Any], key: str) -> float | int | None:
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad_request(f"{key}: Input should be a valid number")
     return value
 

@@ -44,6 +44,7 @@ from ._common import (
     utf8_len,
 )
 from .errors import upstream_chunk_error
+from .sse import encode_delta
 
 __all__ = ["Event", "StreamTranslator"]
 
@@ -219,6 +220,38 @@ class StreamTranslator:
         if self._finished and self._usage is not None:
             events.extend(self._complete())
         return events
+
+    def text_delta(self, chunk: Mapping[str, Any]) -> bytes | None:
+        """The encoded event of a chunk that only adds text to the open text block, else None.
+
+        Nearly every chunk of a stream is one: a single choice whose delta carries ``content`` and nothing
+        else that matters (no reasoning, tool calls, finish or usage). That chunk becomes one
+        ``content_block_delta``, written here straight to bytes (what :meth:`feed` and ``encode_event``
+        would give, without the event dicts). With stop sequences text is held back, so those go through
+        :meth:`feed`, as does every other chunk (give it to :meth:`feed` when this returns None).
+        """
+        if self._open != "text" or self._pending or self._stops or self._done or self._finished:
+            return None
+        choices = chunk.get("choices")
+        if type(choices) is not list or len(choices) != 1 or chunk.get("usage") or chunk.get("error"):
+            return None
+        choice = choices[0]
+        if type(choice) is not dict or choice.get("index", 0) != 0 or choice.get("finish_reason"):
+            return None
+        delta = choice.get("delta")
+        if type(delta) is not dict:
+            return None
+        text = delta.get("content")
+        if (
+            type(text) is not str
+            or not text
+            or delta.get("tool_calls")
+            or delta.get("reasoning_content")
+            or delta.get("reasoning")
+        ):
+            return None
+        self._out_bytes += utf8_len(text)
+        return encode_delta(self._next_index - 1, "text_delta", "text", text)
 
     def finish(self, *, saw_done: bool = False) -> list[Event]:
         """End the stream on upstream ``[DONE]`` or EOF.
