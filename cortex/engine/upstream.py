@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import select
 import ssl
 import time
@@ -54,13 +53,6 @@ MAX_IDLE = 512
 """Idle connections kept per node at most."""
 MAX_HEAD = 64 * 1024
 """Largest answer head (status line and headers) read from a node; a larger one fails the request."""
-
-
-_STATUS = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9])(?: [\t\x20-\x7e]*)?\r\n")
-_FIELD = r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[\x21-\x7e\x80-\xff][\t\x20-\x7e\x80-\xff]*)?)\r\n"
-"""One header line of a node's answer (its value's trailing blanks are stripped after)."""
-_FIELDS = re.compile(f"(?:{_FIELD})*")
-_FIELD_PAIR = re.compile(_FIELD)
 
 
 class Headers(dict[str, str]):
@@ -298,8 +290,6 @@ class _Conn(asyncio.Protocol):
             self.abort()
             return
         self.got_bytes = True
-        if self.response is None and not self.head_bytes and self._whole(data):
-            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -307,60 +297,18 @@ class _Conn(asyncio.Protocol):
             self.abort()
             return
         except httptools.HttpParserError as exc:
-            self._malformed(str(exc))
+            if self.out_of_step:
+                error = aiohttp.ClientPayloadError("the answer carries another request's x-request-id (out of step)")
+            else:
+                error = aiohttp.ClientPayloadError(f"malformed answer: {exc}")
+            self._fail(error)
+            self.abort()
             return
         if self.response is None and self.head is not None:  # still reading the answer's head
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD:
                 self._fail(aiohttp.ClientPayloadError(f"answer head is over {MAX_HEAD // 1024} KiB"))
                 self.abort()
-
-    def _whole(self, data: bytes) -> bool:
-        """Take an answer that came whole in one read, as a node's usual answer does; False to leave it to llhttp.
-
-        The usual answer (HTTP/1.1, a final status, plain header lines, a ``Content-Length`` and exactly that
-        many body bytes) is read with two regular expressions: llhttp's callbacks cost a Python call per
-        header. Anything else (chunks, a partial answer, more bytes than the answer, an unusual line) goes
-        to llhttp, which has seen none of it.
-        """
-        end = data.find(b"\r\n\r\n")
-        if end < 0 or end > MAX_HEAD:
-            return False
-        status = _STATUS.match(data)
-        if status is None:
-            return False
-        text = data[status.end() : end + 2].decode("latin-1")
-        if _FIELDS.fullmatch(text) is None:
-            return False
-        headers = Headers([(name.lower(), value.rstrip(" \t")) for name, value in _FIELD_PAIR.findall(text)])
-        length = headers.get("content-length")
-        if (
-            length is None
-            or not length.isdigit()
-            or len(data) != end + 4 + int(length)
-            or "transfer-encoding" in headers
-            or "upgrade" in headers
-        ):
-            return False
-        connection = headers.get("connection")
-        keep = connection is None or "close" not in connection.lower()
-        try:
-            self._answer(int(status[1]), headers)
-        except _Unasked:
-            self._malformed("an answer nobody asked for")
-            return True
-        if len(data) > end + 4:
-            self.on_body(data[end + 4 :])
-        self._complete(keep)
-        return True
-
-    def _malformed(self, why: str) -> None:
-        if self.out_of_step:
-            error = aiohttp.ClientPayloadError("the answer carries another request's x-request-id (out of step)")
-        else:
-            error = aiohttp.ClientPayloadError(f"malformed answer: {why}")
-        self._fail(error)
-        self.abort()
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -388,7 +336,7 @@ class _Conn(asyncio.Protocol):
             raise _Unasked
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # llhttp keeps a value's trailing blanks when the head came in pieces: strip them as _whole does
+        # llhttp keeps a value's trailing blanks when the head comes in pieces (not when it comes whole)
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1").rstrip(" \t")
 
     def on_headers_complete(self) -> None:
@@ -397,10 +345,6 @@ class _Conn(asyncio.Protocol):
             self._headers = Headers()
             return
         headers, self._headers = self._headers, Headers()
-        self._answer(status, headers)
-
-    def _answer(self, status: int, headers: Headers) -> None:
-        """The answer's head is in: check it is this request's, and hand the response to the waiting sender."""
         if self.request_id is not None:
             echoed = headers.get("x-request-id")
             if echoed == self.request_id:
@@ -420,13 +364,10 @@ class _Conn(asyncio.Protocol):
             self.response._feed(body)
 
     def on_message_complete(self) -> None:
-        if self.response is None:
-            return  # the end of an interim answer
-        self._complete(self.parser.should_keep_alive())
-
-    def _complete(self, keep: bool) -> None:
         response, self.response = self.response, None
-        assert response is not None
+        if response is None:
+            return  # the end of an interim answer
+        keep = self.parser.should_keep_alive()
         self.head = None
         if self._paused:
             self.resume()

@@ -639,8 +639,8 @@ ODD_HEADS = [
 
 @pytest.mark.parametrize("answer", ODD_HEADS, ids=["headers", "close", "empty"])
 async def test_an_answer_read_at_once_equals_the_same_answer_read_in_pieces(answer: bytes, pool: UpstreamPool) -> None:
-    """A node's answer that comes in one read is parsed by cortex's own expressions, one in pieces by
-    llhttp: the status, headers (lower-case names, last repeat wins, trailing blanks stripped), body and
+    """A node's answer read at once or in pieces of 5 bytes: the status, headers (lower-case names, last
+    repeat wins, trailing blanks stripped, which llhttp only does for a head that came whole), body and
     keep-alive must come out the same."""
 
     def node(pieces: bool) -> OnConn:
@@ -672,9 +672,9 @@ async def test_an_answer_read_at_once_equals_the_same_answer_read_in_pieces(answ
         assert (headers["x-trail"], headers["x-empty"], headers["x-twice"]) == ("a b", "", "2")
 
 
-async def test_an_answer_with_bytes_after_it_is_not_taken_whole(pool: UpstreamPool) -> None:
-    """Two answers in one read: the first is this request's, the second was never asked for. The read
-    goes to llhttp, which refuses the connection after handing on the first answer."""
+async def test_two_answers_in_one_read_hand_on_the_first_and_drop_the_connection(pool: UpstreamPool) -> None:
+    """Two answers in one read: the first is this request's, the second was never asked for: the first is
+    handed on and the connection is not reused."""
 
     async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while await read_request(reader):
