@@ -670,22 +670,3 @@ async def test_an_answer_read_at_once_equals_the_same_answer_read_in_pieces(answ
     assert idle == (0 if b"Connection: close" in answer else 1)
     if status == 200:
         assert (headers["x-trail"], headers["x-empty"], headers["x-twice"]) == ("a b", "", "2")
-
-
-async def test_two_answers_in_one_read_hand_on_the_first_and_drop_the_connection(pool: UpstreamPool) -> None:
-    """Two answers in one read: the first is this request's, the second was never asked for: the first is
-    handed on and the connection is not reused."""
-
-    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await read_request(reader):
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno"
-            )
-            await writer.drain()
-
-    server, url = await raw_server(on_conn)
-    async with server:
-        resp = await pool.post(url, "/x", b"{}", {})
-        assert await resp.read() == b"ok"
-        await asyncio.sleep(0.02)
-        assert pool.idle_count(url) == 0, "a connection that answered twice is not reused"
