@@ -59,7 +59,10 @@ class Headers(dict[str, str]):
     """Response headers with lower-case names (a repeated header keeps its last value)."""
 
     def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
-        return super().get(key.lower(), default)
+        value = super().get(key)  # the proxy asks in lower case: one lookup
+        if value is None and not key.islower():
+            value = super().get(key.lower())
+        return default if value is None else value
 
     def __getitem__(self, key: str) -> str:
         return super().__getitem__(key.lower())

@@ -105,13 +105,13 @@ async def read_capped(request: web.Request, limit: int, idle_s: float, what: str
     content = request.content
     parts: list[bytes] = []
     size = 0
-    loop = asyncio.get_running_loop()
     try:
         if content.is_eof():  # the usual case: the whole body came with the head, so no timer at all
             data = content.read_nowait()
             if len(data) > limit:
                 raise PayloadTooLarge(f"request body is larger than {what}")
             return data
+        loop = asyncio.get_running_loop()
         async with asyncio.timeout(idle_s) as deadline:
             while data := await content.readany():
                 size += len(data)
