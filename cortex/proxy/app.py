@@ -73,9 +73,10 @@ def create_app(engine: Engine) -> web.Application:
 
     fast: dict[bytes, Handler] = {}
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
-        fast[path.encode()] = inference(path)
-        app.router.add_post(path, fast[path.encode()])
-    app[FAST_ROUTES] = fast  # served by cortex's own front (fast.py), the same handlers
+        app.router.add_post(path, inference(path))
+        # cortex's own front (fast.py) calls the same handler without the wrapper's coroutine frame
+        fast[path.encode()] = functools.partial(handle_openai, engine=engine, path=path, keys=keys)
+    app[FAST_ROUTES] = fast
 
     catalogue = Catalogue(engine, models_payload)  # serialised once per fleet change, see catalogue.py
     app[CATALOGUE] = catalogue
