@@ -78,8 +78,9 @@ class Engine:
         )
         """Writes the traffic record for ``cortex replay`` (``gateway.record``), or None."""
         self.history = TrafficHistory(clock)
-        self._unrecorded: list[RequestOutcome] = []
         """The last hour of finished requests and loads (the console's loads/h and what-if), record or not."""
+        self._unrecorded: list[RequestOutcome] = []
+        """Finished requests waiting for :meth:`_record_unrecorded` (one callback per turn of the loop)."""
         self._whatif: asyncio.Task[WhatIf] | None = None
         self.affinity = AffinityStore(responses_file or responses_path(state_path))
         """Which node holds each stored OpenAI response (``previous_response_id`` routing), persisted."""

@@ -167,7 +167,7 @@ def usage_figures(outcome: RequestOutcome) -> tuple[int, int, float | None]:
     prompt = _count(usage, "prompt_tokens", "input_tokens")
     completion = _count(usage, "completion_tokens", "output_tokens")
     decode = usage.get("avg_compl_tok_per_sec")
-    if decode is not None and isinstance(decode, _NUMBER) and not isinstance(decode, bool) and decode > 0:
+    if isinstance(decode, _NUMBER) and not isinstance(decode, bool) and decode > 0:
         return prompt, completion, float(decode)
     first = outcome.first_byte
     if outcome.stream and completion > 1 and first is not None and outcome.ended > first:
@@ -181,7 +181,7 @@ def _count(usage: dict[str, Any], *keys: str) -> int:
         value = usage.get(key)
         if value.__class__ is int:  # the usual case, checked first (a bool's class is bool)
             if value > 0:
-                return int(value)
+                return value
         elif isinstance(value, _NUMBER) and not isinstance(value, bool) and value > 0:
             return int(value)
     return 0
@@ -246,19 +246,22 @@ class _Family(Collector):
         return HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
 
     def collect(self) -> Iterator[Metric]:
-        family = self._empty()
-        les = self._les
-        for key, child in list(self._children.items()):
-            if isinstance(family, CounterMetricFamily):
-                family.add_metric(key, child.value)
-            elif les is not None:
-                running = 0.0
-                buckets = []
-                for le, count in zip(les, child.counts, strict=True):
-                    running += count
-                    buckets.append((le, running))
-                family.add_metric(key, buckets, child.sum)
-        yield family
+        children = list(self._children.items())
+        if self._les is None:
+            counter = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+            for key, child in children:
+                counter.add_metric(key, child.value)
+            yield counter
+            return
+        histogram = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for key, child in children:
+            running = 0.0
+            buckets = []
+            for le, count in zip(self._les, child.counts, strict=True):
+                running += count
+                buckets.append((le, running))
+            histogram.add_metric(key, buckets, child.sum)
+        yield histogram
 
 
 def _counter(name: str, doc: str, labelnames: Iterable[str]) -> _Family:

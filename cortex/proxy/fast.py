@@ -56,7 +56,7 @@ _PIPELINE_MAX = FAST_BODY_MAX + _HEAD_MAX
 
 # A header block of RFC 9110 tokens and visible-ASCII values (HTAB and SP inside), each line CRLF-ended. A
 # value starts with a visible character, so the blanks after the colon can only go one way: the match takes
-# linear time (an ambiguous split made a 16 KiB line of blanks cost 0.15 s). Trailing blanks are stripped after.
+# linear time (an ambiguous split made a 16 KiB line of blanks cost 0.13 s). Trailing blanks are stripped after.
 _FIELD = r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[\x21-\x7e][\t\x20-\x7e]*)?)\r\n"
 _BLOCK = re.compile(f"(?:{_FIELD})*")
 _PAIR = re.compile(_FIELD)
@@ -74,7 +74,6 @@ _PLAIN = ("Transfer-Encoding", "Expect", "Upgrade", "Content-Encoding")
 """Headers that send a request to aiohttp (a chunked, continued, upgraded or compressed body; aiohttp
 decompresses and bounds an encoded one)."""
 _SKIP = frozenset(("content-length", "transfer-encoding", "connection", "date", "server"))
-"""Headers the front writes itself (``in`` on a ``CIMultiDict`` ignores case)."""
 _SERVER = SERVER_SOFTWARE.encode()
 
 
@@ -222,21 +221,18 @@ class FastRequest:
 
 def _head(status: int, reason: str, headers: CIMultiDict[str], keep_alive: bool, framing: bytes) -> list[bytes]:
     """A response head's lines (status, the handler's headers, ``framing``, Date, Server, Connection)."""
-    pairs = headers.items()
-    if any(name in headers for name in _SKIP):  # the framing and these are the front's to write
-        pairs = [(k, v) for k, v in pairs if k.lower() not in _SKIP]  # type: ignore[assignment]
-    text = "".join([f"{name}: {value}\r\n" for name, value in pairs])
-    # One line per header and no other line break: a value (or name) with CR or LF would split the head.
-    if text.count("\n") != len(pairs) or text.count("\r") != len(pairs):
-        bad = next(k for k, v in pairs if "\n" in v or "\r" in v or "\n" in k or "\r" in k)
-        raise ValueError(f"newline in the {bad!r} response header")
-    tail = b"%sDate: %s\r\nServer: %s\r\n%s\r\n" % (
-        framing,
-        rfc822_formatted_time().encode(),
-        _SERVER,
-        b"" if keep_alive else b"Connection: close\r\n",
-    )
-    return [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1")), text.encode("latin-1"), tail]
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1"))]
+    for name, value in headers.items():
+        if name.lower() in _SKIP:
+            continue
+        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+            raise ValueError(f"newline in the {name!r} response header")
+        lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+    lines.append(b"%sDate: %s\r\nServer: %s\r\n" % (framing, rfc822_formatted_time().encode(), _SERVER))
+    if not keep_alive:
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    return lines
 
 
 def serialize(resp: web.Response, keep_alive: bool) -> bytes | None:
