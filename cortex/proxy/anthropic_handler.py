@@ -36,6 +36,7 @@ from cortex.proxy.anthropic import (
     envelope,
     models_list,
     parse_data,
+    parse_data_bytes,
     to_anthropic_message,
     to_openai,
     upstream_chunk_error,
@@ -393,8 +394,9 @@ def _piece(
         instead of a stream (an error as the node's first event, while nothing was sent: ``opened`` False).
     """
     out: list[bytes] = []
-    for event_name, data in decoder.feed(raw):
-        chunk = parse_data(event_name, data)
+    one = decoder.one_data(raw)  # the usual read, one chunk: parsed from bytes, no line search
+    chunks = (parse_data(name, data) for name, data in decoder.feed(raw)) if one is None else (parse_data_bytes(one),)
+    for chunk in chunks:
         if chunk is DONE:
             return out, True, None
         if not isinstance(chunk, dict):
@@ -494,28 +496,6 @@ class _Splice:
         now = time.monotonic()
         self.watch.last = now
         self.silent_since = now
-        if (
-            self.response is not None
-            and raw[:5] == b"data:"
-            and raw[-2:] == b"\n\n"
-            and raw.count(b"\n") == 2
-            and self.decoder.idle
-            and b"\r" not in raw
-        ):
-            # The usual read: one whole chunk of text for the open block, straight from bytes to bytes
-            # (what _piece would do, less the line decoder and the per-event steps).
-            try:
-                chunk = orjson.loads(raw[5:-2])
-            except ValueError:
-                chunk = None
-            if type(chunk) is dict:
-                usage = chunk.get("usage")
-                if isinstance(usage, dict):
-                    call.usage = usage
-                encoded = tr.text_delta(chunk)
-                if encoded is not None:
-                    self.send(encoded)
-                    return
         out, self.saw_done, self.early = _piece(
             self.decoder, tr, call, raw, self.estimate, opened=self.response is not None
         )

@@ -14,7 +14,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cortex.proxy.anthropic import DONE, SSEDecoder, encode_event, encode_sse, parse_data
+from cortex.proxy.anthropic import DONE, SSEDecoder, encode_event, encode_sse, parse_data, parse_data_bytes
 
 ANY_CHAR = st.characters(codec=None, exclude_categories=())
 """Every code point, lone surrogates and control characters included."""
@@ -112,6 +112,24 @@ def test_parse_data_reads_what_json_loads_reads(
 @given(data=st.text(st.sampled_from('{}[]":,0123456789.eE+-truefalsn \t\r\n\\u\ud800é'), max_size=30))
 def test_parse_data_refuses_what_json_loads_refuses(data: str) -> None:
     assert parse_data(None, data) == _reference(None, data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=JSON,
+    raw=st.binary(max_size=12),
+    before=st.sampled_from([b"", b" ", b"\xef\xbb\xbf", b"\xff"]),
+    after=st.sampled_from([b"", b" ", b"x", b"\xc3"]),
+)
+def test_parse_data_bytes_reads_what_parse_data_reads_after_decoding(
+    value: object, raw: bytes, before: bytes, after: bytes
+) -> None:
+    for data in (
+        before + json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass") + after,
+        raw,
+        b"[DONE]",
+    ):
+        assert parse_data_bytes(data) == parse_data(None, data.decode("utf-8", "replace"))
 
 
 LINE = st.sampled_from(

@@ -48,7 +48,7 @@ from .errors import (
 from .models import model_info, models_list
 from .request import OpenAIRequest, to_openai
 from .response import message_from_events, to_anthropic_message
-from .sse import DONE, SSEDecoder, encode_event, encode_sse, parse_data
+from .sse import DONE, SSEDecoder, encode_event, encode_sse, parse_data, parse_data_bytes
 from .stream import Event, StreamTranslator
 
 __all__ = [
@@ -70,6 +70,7 @@ __all__ = [
     "not_supported",
     "overloaded",
     "parse_data",
+    "parse_data_bytes",
     "to_anthropic_message",
     "to_openai",
     "unreachable",

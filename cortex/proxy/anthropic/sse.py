@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import orjson
 
-__all__ = ["DONE", "SSEDecoder", "encode_delta", "encode_event", "encode_sse", "parse_data"]
+__all__ = ["DONE", "SSEDecoder", "encode_delta", "encode_event", "encode_sse", "parse_data", "parse_data_bytes"]
 
 DONE: Final = "[DONE]"
 """What :func:`parse_data` returns for the ``data: [DONE]`` end marker."""
@@ -81,18 +81,9 @@ class SSEDecoder:
 
     def feed(self, raw: bytes) -> list[tuple[str | None, str]]:
         """Consume bytes from the upstream; return the events they complete."""
-        if (
-            not self._buffer
-            and not self._data
-            and self._event is None
-            and raw[:5] == b"data:"
-            and raw[-2:] == b"\n\n"
-            and raw.count(b"\n") == 2
-            and b"\r" not in raw
-        ):
-            # One whole ``data:`` line and its blank line, as a node sends each chunk: no line search.
-            value = raw[6:-2] if raw[5:6] == b" " else raw[5:-2]
-            return [(None, value.decode("utf-8", "replace"))]
+        data = self.one_data(raw)
+        if data is not None:
+            return [(None, data.decode("utf-8", "replace"))]
         buffer = self._buffer + raw if self._buffer else raw
         out: list[tuple[str | None, str]] = []
         if b"\r" not in buffer:
@@ -120,10 +111,23 @@ class SSEDecoder:
         self._buffer = buffer[start:]
         return out
 
-    @property
-    def idle(self) -> bool:
-        """Whether no partial line or event is pending (the next read starts afresh)."""
-        return not self._buffer and not self._data and self._event is None
+    def one_data(self, raw: bytes) -> bytes | None:
+        """The data of ``raw`` when it is one whole unnamed event, else None (and nothing is consumed).
+
+        That is exactly one ``data:`` line and its blank line with nothing pending from earlier reads, as a
+        node sends each chunk. The caller then takes that one unnamed event without a line search (:meth:`feed` does).
+        """
+        if (
+            raw[:5] == b"data:"
+            and raw[-2:] == b"\n\n"
+            and raw.count(b"\n") == 2
+            and not self._buffer
+            and not self._data
+            and self._event is None
+            and b"\r" not in raw
+        ):
+            return raw[6:-2] if raw[5:6] == b" " else raw[5:-2]
+        return None
 
     def close(self) -> list[tuple[str | None, str]]:
         """Flush at EOF: a final event without its blank line is still dispatched."""
@@ -149,6 +153,18 @@ class SSEDecoder:
             self._data.append(value)
         elif name == "event":
             self._event = value
+
+
+def parse_data_bytes(data: bytes) -> Mapping[str, Any] | str | None:
+    """:func:`parse_data` of an unnamed event whose data is still bytes (:meth:`SSEDecoder.one_data`).
+
+    A JSON object is parsed straight from the bytes; anything else is decoded and read as before.
+    """
+    try:
+        value = orjson.loads(data)
+    except ValueError:  # [DONE], invalid UTF-8, what orjson refuses: the general way
+        return parse_data(None, data.decode("utf-8", "replace"))
+    return value if type(value) is dict else None
 
 
 def parse_data(event: str | None, data: str) -> Mapping[str, Any] | str | None:
