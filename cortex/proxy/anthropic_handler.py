@@ -49,12 +49,13 @@ from cortex.proxy.common import (
     acquire_streaming,
     check_api_key,
     cortex_headers,
+    cortex_lines,
     counted,
     read_json,
     shorten,
     unreachable,
 )
-from cortex.proxy.fast import FastRequest, FastStream, Handler, open_stream
+from cortex.proxy.fast import FastRequest, FastStream, Handler, WholeAnswer, open_stream
 from cortex.proxy.forward import Call, IdleWatch, NodeReplyError, read_body, send, upstream_headers
 
 if TYPE_CHECKING:
@@ -147,13 +148,15 @@ def _model_of(engine: Engine, data: dict[str, Any]) -> tuple[str, str]:
     return name, model
 
 
-async def handle_messages(request: web.Request, engine: Engine, keys: list[bytes]) -> web.StreamResponse:
+async def handle_messages(request: web.Request, engine: Engine, keys: list[bytes]) -> web.StreamResponse | WholeAnswer:
     """Serve ``POST /v1/messages`` (streaming or not), and count it."""
     call = Call(api="anthropic", started=time.monotonic())
     return await counted(engine, call, _messages(request, engine, call, keys))
 
 
-async def _messages(request: web.Request, engine: Engine, call: Call, keys: list[bytes]) -> web.StreamResponse:
+async def _messages(
+    request: web.Request, engine: Engine, call: Call, keys: list[bytes]
+) -> web.StreamResponse | WholeAnswer:
     estimate = 1
     try:
         check_api_key(request, keys)
@@ -199,7 +202,7 @@ async def _messages(request: web.Request, engine: Engine, call: Call, keys: list
 
 async def _unary(
     engine: Engine, call: Call, name: str, req: OpenAIRequest, body: bytes, headers: dict[str, str]
-) -> web.Response:
+) -> WholeAnswer:
     lease, resp = await send(engine, call, "/v1/chat/completions", body, headers)
     raw = await read_body(engine, call, lease, resp)
     call.first_byte = time.monotonic()
@@ -220,11 +223,7 @@ async def _unary(
         input_tokens_estimate=req.input_tokens_estimate,
     )
     call.status = 200
-    return web.Response(
-        body=orjson.dumps(message),
-        content_type="application/json",
-        headers=cortex_headers(call, resp.headers.get("x-request-id")),
-    )
+    return WholeAnswer(200, orjson.dumps(message), cortex_lines(call, resp.headers.get("x-request-id")))
 
 
 def _load_notice(tr: StreamTranslator) -> Callable[[str, str, float], bytes]:
@@ -660,11 +659,13 @@ def add_anthropic_routes(app: web.Application, engine: Engine, keys: list[bytes]
     """
 
     async def messages(request: web.Request) -> web.StreamResponse:
-        return await handle_messages(request, engine, keys)
+        answer = await handle_messages(request, engine, keys)
+        return answer.to_response() if isinstance(answer, WholeAnswer) else answer
 
     async def tokens(request: web.Request) -> web.StreamResponse:
         return await handle_count_tokens(request, engine, keys)
 
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", tokens)
-    return messages
+    # the fast front calls the handler itself (no wrapper's frame) and writes a WholeAnswer as it is
+    return functools.partial(handle_messages, engine=engine, keys=keys)

@@ -37,7 +37,7 @@ from cortex.proxy.anthropic_handler import add_anthropic_routes, anthropic_error
 from cortex.proxy.catalogue import Catalogue
 from cortex.proxy.common import check_api_key, secret_bytes
 from cortex.proxy.errors import openai_error
-from cortex.proxy.fast import ClientProtocol, Connections, Handler
+from cortex.proxy.fast import ClientProtocol, Connections, Handler, WholeAnswer
 from cortex.proxy.openai import handle_openai, models_payload
 from cortex.proxy.responses import add_responses_routes
 
@@ -67,7 +67,8 @@ def create_app(engine: Engine) -> web.Application:
 
     def inference(path: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handler(request: web.Request) -> web.StreamResponse:
-            return await handle_openai(request, engine, path, keys)
+            answer = await handle_openai(request, engine, path, keys)
+            return answer.to_response() if isinstance(answer, WholeAnswer) else answer
 
         return handler
 

@@ -10,7 +10,7 @@ import asyncio
 import hmac
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import orjson
@@ -21,7 +21,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from cortex.engine.lifecycle import Lease
 from cortex.engine.state import NodeStatus
 from cortex.errors import BadRequest, CortexError, NoNodeAvailable, PayloadTooLarge, Unauthorized, UnknownModel
-from cortex.proxy.fast import open_stream
+from cortex.proxy.fast import WholeAnswer, open_stream
 from cortex.proxy.forward import Call, clean_request_id
 
 if TYPE_CHECKING:
@@ -236,6 +236,17 @@ def cortex_headers(call: Call, upstream_request_id: str | None = None) -> dict[s
     return headers
 
 
+def cortex_lines(call: Call, upstream_request_id: str | None = None) -> str:
+    r""":func:`cortex_headers` as header lines (``Name: value\r\n``), every value safe to send as is."""
+    lines = (
+        f"x-cortex-node: {header_safe(call.node)}\r\nx-cortex-model: {header_safe(call.model)}\r\n"
+        f"x-cortex-queue-ms: {int(call.queue_s * 1000)}\r\n"
+    )
+    if upstream_request_id and clean_request_id(upstream_request_id) == upstream_request_id:
+        lines += f"x-request-id: {upstream_request_id}\r\n"
+    return lines
+
+
 async def acquire_streaming(
     engine: Engine,
     call: Call,
@@ -297,7 +308,10 @@ async def acquire_streaming(
     return lease, response
 
 
-async def counted(engine: Engine, call: Call, handling: Coroutine[Any, Any, web.StreamResponse]) -> web.StreamResponse:
+_Answer = TypeVar("_Answer", web.StreamResponse, web.StreamResponse | WholeAnswer)
+
+
+async def counted(engine: Engine, call: Call, handling: Coroutine[Any, Any, _Answer]) -> _Answer:
     """Await a handler's work; count the call once answered; let a client's hang-up pass quietly."""
     try:
         return await handling

@@ -29,6 +29,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
@@ -41,11 +42,20 @@ from multidict import CIMultiDict, CIMultiDictProxy
 if TYPE_CHECKING:
     from aiohttp.abc import AbstractStreamWriter
 
-__all__ = ["FAST_BODY_MAX", "ClientProtocol", "Connections", "FastRequest", "FastStream", "Handler", "open_stream"]
+__all__ = [
+    "FAST_BODY_MAX",
+    "ClientProtocol",
+    "Connections",
+    "FastRequest",
+    "FastStream",
+    "Handler",
+    "WholeAnswer",
+    "open_stream",
+]
 
 log = logging.getLogger("cortex.proxy.app")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request], Awaitable["web.StreamResponse | WholeAnswer"]]
 
 FAST_BODY_MAX = 256 * 1024
 """Largest body the fast front takes (it holds the whole body before the handler reads it); above, aiohttp."""
@@ -75,6 +85,44 @@ _PLAIN = ("Transfer-Encoding", "Expect", "Upgrade", "Content-Encoding")
 decompresses and bounds an encoded one)."""
 _SKIP = frozenset(("content-length", "transfer-encoding", "connection", "date", "server"))
 _SERVER = SERVER_SOFTWARE.encode()
+_REASONS = {int(code): code.phrase.encode() for code in HTTPStatus}
+_WHOLE = (
+    b"HTTP/1.1 %d %s\r\n%sContent-Type: application/json\r\nContent-Length: %d\r\nDate: %s\r\nServer: %s\r\n%s\r\n%s"
+)
+
+
+class WholeAnswer:
+    r"""A whole JSON answer and cortex's header lines, with no ``web.Response`` made for it.
+
+    The fast front writes it as one formatted buffer (:meth:`encode`); aiohttp's server is handed the same
+    answer as a ``web.Response`` (:meth:`to_response`). ``lines`` are ``Name: value\r\n`` lines whose
+    values the maker has made safe (printable ASCII, see ``header_safe``), so nothing is checked again here.
+    """
+
+    __slots__ = ("body", "lines", "status")
+
+    def __init__(self, status: int, body: bytes, lines: str) -> None:
+        self.status = status
+        self.body = body
+        self.lines = lines
+
+    def encode(self, keep_alive: bool) -> bytes:
+        """The answer's bytes on the wire: head and body."""
+        return _WHOLE % (
+            self.status,
+            _REASONS.get(self.status, b"Unknown"),
+            self.lines.encode(),
+            len(self.body),
+            rfc822_formatted_time().encode(),
+            _SERVER,
+            b"" if keep_alive else b"Connection: close\r\n",
+            self.body,
+        )
+
+    def to_response(self) -> web.Response:
+        """The same answer for aiohttp's server."""
+        headers = dict(line.split(": ", 1) for line in self.lines.split("\r\n") if line)
+        return web.Response(status=self.status, body=self.body, content_type="application/json", headers=headers)
 
 
 class Connections:
@@ -544,12 +592,16 @@ class ClientProtocol(BaseProtocol):
         if self._buf:
             self._next()
 
-    async def _finish(self, request: FastRequest, resp: web.StreamResponse) -> bool:
+    async def _finish(self, request: FastRequest, resp: web.StreamResponse | WholeAnswer) -> bool:
         """Send what the handler returned; whether the connection may carry another request."""
         transport = self.transport
         if resp.status == 499 or transport is None:  # counted() for a client that hung up mid-answer
             return False
         keep_alive = request.keep_alive and self._keepalive
+        if isinstance(resp, WholeAnswer):
+            request.answered = True
+            transport.write(resp.encode(keep_alive))
+            return keep_alive
         if not resp.prepared and type(resp) is web.Response:
             data = serialize(resp, keep_alive)
             if data is not None:

@@ -27,12 +27,13 @@ from cortex.proxy.common import (
     acquire_streaming,
     check_api_key,
     cortex_headers,
+    cortex_lines,
     counted,
     read_json,
     resolve_model,
 )
 from cortex.proxy.errors import openai_error, openai_error_for
-from cortex.proxy.fast import FastStream, open_stream
+from cortex.proxy.fast import FastStream, WholeAnswer, open_stream
 from cortex.proxy.forward import Call, IdleWatch, NodeReplyError, UsageTail, read_body, send, upstream_headers
 
 if TYPE_CHECKING:
@@ -158,13 +159,17 @@ def models_payload(engine: Engine) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-async def handle_openai(request: web.Request, engine: Engine, path: str, keys: list[bytes]) -> web.StreamResponse:
+async def handle_openai(
+    request: web.Request, engine: Engine, path: str, keys: list[bytes]
+) -> web.StreamResponse | WholeAnswer:
     """Serve one OpenAI-dialect inference request, and count it."""
     call = Call(api="openai", started=time.monotonic())
     return await counted(engine, call, _openai(request, engine, call, path, keys))
 
 
-async def _openai(request: web.Request, engine: Engine, call: Call, path: str, keys: list[bytes]) -> web.StreamResponse:
+async def _openai(
+    request: web.Request, engine: Engine, call: Call, path: str, keys: list[bytes]
+) -> web.StreamResponse | WholeAnswer:
     try:
         check_api_key(request, keys)
         gateway = engine.settings.gateway
@@ -196,7 +201,7 @@ async def _openai(request: web.Request, engine: Engine, call: Call, path: str, k
         return openai_error(500, "internal error in cortex (see the gateway's log)", "server_error")
 
 
-async def _unary(engine: Engine, call: Call, path: str, raw: bytes, headers: dict[str, str]) -> web.Response:
+async def _unary(engine: Engine, call: Call, path: str, raw: bytes, headers: dict[str, str]) -> WholeAnswer:
     lease, resp = await send(engine, call, path, raw, headers)
     body = await read_body(engine, call, lease, resp)
     call.first_byte = time.monotonic()
@@ -207,12 +212,7 @@ async def _unary(engine: Engine, call: Call, path: str, raw: bytes, headers: dic
     call.status = resp.status
     usage = parsed.get("usage") if isinstance(parsed, dict) else None
     call.usage = usage if isinstance(usage, dict) else None
-    return web.Response(
-        status=resp.status,
-        body=body,
-        content_type="application/json",
-        headers=cortex_headers(call, resp.headers.get("x-request-id")),
-    )
+    return WholeAnswer(resp.status, body, cortex_lines(call, resp.headers.get("x-request-id")))
 
 
 def _openai_notice(model: str, node: str, elapsed: float) -> bytes:

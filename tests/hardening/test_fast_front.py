@@ -13,10 +13,12 @@ import socket
 
 from aiohttp import web
 
-from cortex.proxy.fast import FAST_BODY_MAX, ClientProtocol, Connections, Handler, open_stream
+from cortex.proxy.common import cortex_lines
+from cortex.proxy.fast import FAST_BODY_MAX, ClientProtocol, Connections, Handler, WholeAnswer, open_stream
+from cortex.proxy.forward import Call
 from cortex.sim import SimModel, SimNode
 from tests.hardening.conftest import WAIT_S, Gateway, GatewayFactory, wait_until
-from tests.hardening.rawhttp import Reply, read_reply, request_bytes
+from tests.hardening.rawhttp import Reply, exchange, read_reply, request_bytes
 
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
 
@@ -293,3 +295,57 @@ async def test_every_request_counts_as_a_use_streamed_or_not(sim: SimNode, gatew
     _since, bursts, _gap, pace = figures
     assert bursts == 1
     assert pace < 60  # three requests close together: a pace was measured, so all three were noted
+
+
+async def test_a_whole_answer_has_the_head_aiohttp_gives(sim: SimNode, gateway: GatewayFactory) -> None:
+    """The fast front writes a whole answer without a ``web.Response``: its headers are the ones aiohttp's
+    server gives the same request (a chunked body sends it there), Date and length aside. OpenAI and Anthropic."""
+    gw = await gateway(sim.url)
+    message = json.dumps({"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    rid = [(b"x-request-id", b"same-id")]
+    for path, body in (("/v1/chat/completions", CHAT), ("/v1/messages", message)):
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        before = served(gw)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(request_bytes(path, body, rid))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_S)
+        finally:
+            writer.transport.abort()
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert head.count(b"Content-Length:") == 1
+        fast = await exchange(gw.port, request_bytes(path, body, rid))
+        slow = await exchange(gw.port, request_bytes(path, chunked, [*rid, (b"Transfer-Encoding", b"chunked")]))
+        assert served(gw) == before + 2, "the chunked one went to aiohttp"
+        assert fast.status == slow.status == 200
+        assert fast.json().keys() == slow.json().keys()
+        for reply in (fast, slow):
+            assert reply.headers.pop("date")
+            assert int(reply.headers.pop("content-length")) == len(reply.body)  # the node's answers vary
+        assert fast.headers == slow.headers, path
+        assert fast.headers["x-request-id"] == "same-id"
+        assert fast.headers["connection"] == "close"
+    await gw.settled()
+
+
+def test_a_whole_answer_escapes_what_it_cannot_send() -> None:
+    """A model or node name with a line break (they come from nodes and config) cannot add a header."""
+    call = Call(api="openai", started=0.0, model="evil\r\nX-Injected: 1", node="gpu\n0", queue_s=0.012)
+    answer = WholeAnswer(201, b"{}", cortex_lines(call, "req\r\nX-Other: 2"))
+    wire = answer.encode(keep_alive=True)
+    head, _, body = wire.partition(b"\r\n\r\n")
+    assert body == b"{}"
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 201 Created"
+    names = [line.split(b":", 1)[0].lower() for line in lines[1:]]
+    assert b"x-injected" not in names
+    assert b"x-other" not in names
+    assert b"x-request-id" not in names, "an unusable id is not passed back"
+    assert b"connection" not in names
+    assert b"x-cortex-queue-ms: 12" in lines
+    assert b"Connection: close" in answer.encode(keep_alive=False)
+    resp = answer.to_response()
+    assert resp.status == 201
+    assert resp.body == b"{}"
+    assert resp.headers["x-cortex-model"] == "evil%0D%0AX-Injected: 1"
+    assert resp.headers["x-cortex-node"] == "gpu%0A0"
