@@ -281,12 +281,17 @@ class _Conn(asyncio.Protocol):
         self.response: UpstreamResponse | None = None
         self._headers = Headers()
         self._paused = False
+        self._poller: select.poll | None = None
         self._until_close = False
 
     # -- asyncio.Protocol -----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass of asyncio's
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # for stale(): this socket, registered once for the connection's life
+            self._poller = select.poll()
+            self._poller.register(sock.fileno(), select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
         if self.head is None:  # nothing was asked on this connection: not an answer cortex can use
@@ -398,17 +403,10 @@ class _Conn(asyncio.Protocol):
         answered with those bytes. One ``poll`` with no wait (about a microsecond) asks the kernel now.
         """
         transport = self.transport
-        sock = None if transport is None else transport.get_extra_info("socket")
-        if transport is None or sock is None or transport.is_closing():
+        if transport is None or self._poller is None or transport.is_closing():
             return True
-        poller = self.host.poller
-        fd = sock.fileno()
         try:
-            poller.register(fd, select.POLLIN)
-            try:
-                return bool(poller.poll(0))
-            finally:
-                poller.unregister(fd)
+            return bool(self._poller.poll(0))
         except (OSError, ValueError):
             return True
 
@@ -484,7 +482,6 @@ class _Host:
         self.connect_timeout_s = connect_timeout_s
         self.idle: deque[_Conn] = deque()
         self.open: set[_Conn] = set()
-        self.poller = select.poll()
         self.echoes_ids = False
         """The node has echoed a request's ``x-request-id``: from then on, every answer must."""
         self._ssl: ssl.SSLContext | None = ssl.create_default_context() if self.tls else None

@@ -64,12 +64,11 @@ _HEAD_MAX = 16 * 1024
 _PIPELINE_MAX = FAST_BODY_MAX + _HEAD_MAX
 """Bytes buffered while a request is answered before reading pauses (a client pipelining hard)."""
 
-# A header block of RFC 9110 tokens and visible-ASCII values (HTAB and SP inside), each line CRLF-ended. A
-# value starts with a visible character, so the blanks after the colon can only go one way: the match takes
-# linear time (an ambiguous split made a 16 KiB line of blanks cost 0.13 s). Trailing blanks are stripped after.
-_FIELD = r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[\x21-\x7e][\t\x20-\x7e]*)?)\r\n"
-_BLOCK = re.compile(f"(?:{_FIELD})*")
-_PAIR = re.compile(_FIELD)
+# One header line: an RFC 9110 token, a colon, and a visible-ASCII value (HTAB and SP inside), CRLF-ended.
+# The value starts and ends with a visible character, so the blanks around it can only go one way and the
+# match takes linear time (an ambiguous split made a 16 KiB line of blanks cost 0.13 s). A line starts
+# after a line break (``^``): a block is well formed when every line break ends a match (see ``_parse``).
+_LINE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?[ \t]*\r\n", re.M)
 
 _BUSY_BODY = (
     b'{"error": {"message": "the gateway has too many open connections; retry shortly", '
@@ -80,15 +79,24 @@ BUSY = (
     b"Connection: close\r\nContent-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY
 )
 LATE = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-_PLAIN = ("Transfer-Encoding", "Expect", "Upgrade", "Content-Encoding")
-"""Headers that send a request to aiohttp (a chunked, continued, upgraded or compressed body; aiohttp
-decompresses and bounds an encoded one)."""
 _SKIP = frozenset(("content-length", "transfer-encoding", "connection", "date", "server"))
 _SERVER = SERVER_SOFTWARE.encode()
 _REASONS = {int(code): code.phrase.encode() for code in HTTPStatus}
 _WHOLE = (
     b"HTTP/1.1 %d %s\r\n%sContent-Type: application/json\r\nContent-Length: %d\r\nDate: %s\r\nServer: %s\r\n%s\r\n%s"
 )
+
+
+def header_pairs(block: str) -> list[tuple[str, str]] | None:
+    """A header block's (name, value) pairs, each value without the blanks around it.
+
+    None when any line is not a well-formed header: a bad name or character, a bare CR or LF, an obsolete
+    line fold. Every line break must end a match of ``_LINE``, which only starts at a line's start.
+    """
+    pairs: list[tuple[str, str]] = _LINE.findall(block)
+    if len(pairs) != block.count("\n") or (block and block[-1] != "\n"):  # a last line with no line break
+        return None
+    return pairs
 
 
 class WholeAnswer:
@@ -378,9 +386,12 @@ class ClientProtocol(BaseProtocol):
         "_carry",
         "_conns",
         "_factory",
+        "_idle",
+        "_idle_since",
         "_inner",
         "_keepalive",
         "_pending",
+        "_read_paused",
         "_request",
         "_routes",
         "_task",
@@ -398,6 +409,11 @@ class ClientProtocol(BaseProtocol):
         self._routes = routes
         self._inner: asyncio.Protocol | None = None
         self._timer: asyncio.TimerHandle | None = None
+        """The first head's deadline."""
+        self._idle: asyncio.TimerHandle | None = None
+        """The keep-alive deadline: armed once, moved on lazily (see :meth:`_idle_out`)."""
+        self._idle_since = 0.0
+        self._read_paused = False
         self._carry = b""
         self._buf = bytearray()
         self._task: asyncio.Task[None] | None = None
@@ -444,7 +460,7 @@ class ClientProtocol(BaseProtocol):
         if self._task is None:
             self._next()
         elif len(self._buf) > _PIPELINE_MAX and self.transport is not None:
-            self.transport.pause_reading()
+            self._pause_reading()
 
     def eof_received(self) -> bool | None:
         if self._inner is not None:
@@ -455,6 +471,9 @@ class ClientProtocol(BaseProtocol):
         if self.transport is None and self._inner is None:
             return  # refused at admission
         self._cancel_timer()
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         self._conns.release()
         self._conns.fast.discard(self)
         inner, self._inner = self._inner, None
@@ -534,15 +553,23 @@ class ClientProtocol(BaseProtocol):
         handler = self._routes.get(path)
         if handler is None:
             return None
-        block = head[line_end + 2 :].decode("ascii")
-        if _BLOCK.fullmatch(block) is None:
+        pairs = header_pairs(head[line_end + 2 :].decode("ascii"))
+        if pairs is None:
             return None
-        headers = CIMultiDict([(name, value.rstrip(" \t")) for name, value in _PAIR.findall(block)])
+        headers = CIMultiDict(pairs)
         lengths = headers.getall("Content-Length", ())
         if len(lengths) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 12:
             return None
         length = int(lengths[0])
-        if length > FAST_BODY_MAX or any(name in headers for name in _PLAIN):
+        if length > FAST_BODY_MAX:
+            return None
+        low = head.lower()  # every header line follows a line break (the request line's at least)
+        if (
+            b"\ntransfer-encoding:" in low
+            or b"\nexpect:" in low
+            or b"\nupgrade:" in low
+            or b"\ncontent-encoding:" in low
+        ):
             return None
         keep_alive = True
         connection = headers.get("Connection")
@@ -562,7 +589,7 @@ class ClientProtocol(BaseProtocol):
         if take < len(data):
             self._buf += data[take:]
             if len(self._buf) > _PIPELINE_MAX and self.transport is not None:
-                self.transport.pause_reading()
+                self._pause_reading()
 
     async def _serve(self, handler: Handler, request: FastRequest) -> None:
         keep_alive = False
@@ -586,9 +613,12 @@ class ClientProtocol(BaseProtocol):
         if not keep_alive or self._pending or not self._keepalive:
             transport.close()  # an unread body (refused before it came) or a client that asked for it
             return
-        if len(self._buf) <= _PIPELINE_MAX:
+        if self._read_paused and len(self._buf) <= _PIPELINE_MAX:
+            self._read_paused = False
             transport.resume_reading()
-        self._timer = self.loop.call_later(self._conns.keepalive_timeout_s, self._idle_out)
+        self._idle_since = self.loop.time()
+        if self._idle is None:
+            self._idle = self.loop.call_at(self._idle_since + self._conns.keepalive_timeout_s, self._idle_out)
         if self._buf:
             self._next()
 
@@ -614,11 +644,26 @@ class ClientProtocol(BaseProtocol):
         await resp.write_eof()
         return keep_alive and resp.keep_alive is not False
 
+    def _pause_reading(self) -> None:
+        if self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
+
     def _idle_out(self) -> None:
-        # No complete request since the last answer (a partial head does not keep the connection).
-        self._timer = None
-        if self._task is None and self.transport is not None:
-            self.transport.close()
+        """Close the connection when no complete request came since the last answer's keep-alive time.
+
+        One timer per connection, not one per request: when it fires after a later answer, it is moved to
+        that answer's deadline. A request being answered holds it off (``_serve`` arms it again when done);
+        a partial head does not.
+        """
+        self._idle = None
+        if self._task is not None or self._inner is not None or self.transport is None:
+            return
+        due = self._idle_since + self._conns.keepalive_timeout_s
+        if self.loop.time() < due:
+            self._idle = self.loop.call_at(due, self._idle_out)
+            return
+        self.transport.close()
 
     # -- aiohttp's protocol -----------------------------------------------------------------------
 

@@ -197,6 +197,31 @@ async def test_an_idle_connection_after_an_answer_is_closed(sim: SimNode, gatewa
         writer.transport.abort()
 
 
+async def test_a_connection_in_use_outlives_its_first_keepalive_deadline(sim: SimNode, gateway: GatewayFactory) -> None:
+    """The keep-alive timer is armed once per connection and moved on lazily: a connection that carries a
+    request every third of the timeout stays open past several timeouts, then closes once it idles."""
+    timeout_s = 0.45
+    gw = await gateway(sim.url, keepalive_timeout_s=timeout_s)
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        started = loop.time()
+        for _ in range(10):  # 10 x 0.15 s: over three timeouts
+            writer.write(keep_alive(request_bytes("/v1/chat/completions", CHAT)))
+            (reply,) = await replies(reader, 1)
+            chat_ok(reply)
+            await asyncio.sleep(timeout_s / 3)
+        assert loop.time() - started > 3 * timeout_s
+        writer.write(keep_alive(request_bytes("/v1/chat/completions", CHAT)))
+        (reply,) = await replies(reader, 1)
+        chat_ok(reply)
+        idle_from = loop.time()
+        assert await asyncio.wait_for(reader.read(), WAIT_S) == b"", "closed once idle"
+        assert loop.time() - idle_from >= timeout_s * 0.9, "not before its keep-alive time"
+    finally:
+        writer.transport.abort()
+
+
 async def test_a_slow_reader_pauses_the_node_and_gets_every_chunk(gateway: GatewayFactory) -> None:
     """A spliced stream to a client that does not read: once the client's socket and the gateway's buffer
     are full, reading from the node pauses (no unbounded buffering); when the client reads, the stream
