@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 """The repository root (benchmarks run from there)."""
 BENCH = ROOT / "bench"
 PY = sys.executable
+BENCH_KEY = "sk-cortex-bench"
+"""The API key every benchmark client sends (cortex checks it where the config asks; the others pass it on)."""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -227,9 +229,10 @@ def kill_group(pgid: int) -> None:
 
 
 def http(method: str, url: str, body: Any = None, timeout: float = 5.0) -> tuple[int, bytes]:
-    """A blocking request; (status, body), status 0 when nothing answered."""
+    """A blocking request (with :data:`BENCH_KEY`); (status, body), status 0 when nothing answered."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {BENCH_KEY}"}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read()
@@ -280,6 +283,7 @@ def cortex_config(
     nodes: Sequence[tuple[str, int, Sequence[str]]],
     extra: str = "",
     gateway: Sequence[str] = (),
+    auth: bool = False,
 ) -> None:
     """Write a cortex TOML for benchmarks: loopback listeners, poll every 2 s, ``nodes`` as (name, port, pins).
 
@@ -290,6 +294,7 @@ def cortex_config(
         nodes: (name, port, pinned models) of each node.
         extra: TOML appended after ``[poll]``, with its own table headers (``[eviction]`` ...).
         gateway: Lines added under ``[gateway]`` (``event_loop = "asyncio"`` ...).
+        auth: Require :data:`BENCH_KEY` (``gateway.api_keys``), which ``loadgen`` and :func:`http` send.
     """
     lines = [
         "[gateway]",
@@ -300,6 +305,7 @@ def cortex_config(
         "stream_idle_timeout_s = 120",
         "queue_timeout_s = 120",
         "max_queue = 4096",
+        *([f'api_keys = ["{BENCH_KEY}"]'] if auth else []),
         *gateway,
         "[poll]",
         "interval_s = 2.0",

@@ -29,9 +29,14 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from benchlib import cpu_seconds, quantile, raise_nofile, rss_bytes
+from benchlib import BENCH_KEY, cpu_seconds, quantile, raise_nofile, rss_bytes
 
-HEADERS = {"Content-Type": "application/json", "Accept": "*/*", "User-Agent": "cortex-bench/1"}
+HEADERS = {
+    "Content-Type": "application/json",
+    "Accept": "*/*",
+    "User-Agent": "cortex-bench/1",
+    "Authorization": f"Bearer {BENCH_KEY}",
+}
 
 
 # -- a minimal HTTP/1.1 client -------------------------------------------------------------------------
@@ -40,7 +45,8 @@ HEADERS = {"Content-Type": "application/json", "Accept": "*/*", "User-Agent": "c
 def _request_bytes(host: str, port: int, path: str, body: bytes) -> bytes:
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Accept: */*\r\nUser-Agent: cortex-bench/1\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"Accept: */*\r\nUser-Agent: cortex-bench/1\r\nAuthorization: Bearer {BENCH_KEY}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 

@@ -123,7 +123,7 @@ def main() -> int:
         procs.start("sim", sim_argv(sport, "sim-fast", models=[f"{MODEL}=4096"], tok_s=500.0 if args.stream else 0.0))
         wait_for(lambda: http("GET", f"http://127.0.0.1:{sport}/health", timeout=1)[0] == 200, 30, "sim")
         conf = tmp / "cortex.toml"
-        cortex_config(conf, port=cport, metrics_port=mport, nodes=[("sim-fast", sport, [MODEL])])
+        cortex_config(conf, port=cport, metrics_port=mport, nodes=[("sim-fast", sport, [MODEL])], auth=True)
         src = args.cortex_src
         paths = [p for p in (args.pythonpath, str(src) if src else None) if p]
         env = {**os.environ, "PYTHONPATH": ":".join(paths)} if paths else None

@@ -316,6 +316,7 @@ def start_all(procs: Procs, tmp: Path, cfg: dict[str, Any], log: Any) -> tuple[l
         metrics_port=mport,
         nodes=[(f"sim-{p}", sim_ports[p], [m]) for p, m in PHASES.items()],
         gateway=[f'event_loop = "{loop}"'] if loop else [],
+        auth=True,  # every feature on: clients send the key (the other targets pass it on)
     )
     src: Path | None = cfg.get("cortex_src")
     cortex_env, cortex_cwd = (env, ROOT) if src is None else (env | {"PYTHONPATH": str(src)}, src)

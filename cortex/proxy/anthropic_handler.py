@@ -392,8 +392,12 @@ def _piece(
         The encoded Anthropic events, whether the node's ``[DONE]`` came, and the error to answer with
         instead of a stream (an error as the node's first event, while nothing was sent: ``opened`` False).
     """
+    one = decoder.one_data(raw)  # the usual read, one chunk: taken from bytes, no line search
+    if one is not None:
+        encoded = tr.text_delta_bytes(one)  # the usual chunk, recognised without parsing it
+        if encoded is not None:
+            return [encoded], False, None
     out: list[bytes] = []
-    one = decoder.one_data(raw)  # the usual read, one chunk: parsed from bytes, no line search
     chunks = (parse_data(name, data) for name, data in decoder.feed(raw)) if one is None else (parse_data_bytes(one),)
     for chunk in chunks:
         if chunk is DONE:

@@ -456,10 +456,15 @@ class ClientProtocol(BaseProtocol):
         if self._pending:
             self._body_part(data)
             return
-        self._buf += data
         if self._task is None:
-            self._next()
-        elif len(self._buf) > _PIPELINE_MAX and self.transport is not None:
+            if self._buf:
+                self._buf += data
+                self._next()
+            else:
+                self._next(data)  # the usual read: a whole request, taken from the bytes as they came
+            return
+        self._buf += data
+        if len(self._buf) > _PIPELINE_MAX and self.transport is not None:
             self._pause_reading()
 
     def eof_received(self) -> bool | None:
@@ -516,24 +521,32 @@ class ClientProtocol(BaseProtocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _next(self) -> None:
-        """Parse the next request in the buffer, if its head is complete."""
-        buf = self._buf
+    def _next(self, data: bytes | None = None) -> None:
+        """Parse the next request in the buffer (or in ``data``, when the buffer is empty), if its head is complete."""
+        buf: bytes | bytearray = self._buf if data is None else data
         end = buf.find(b"\r\n\r\n")
         if end < 0:
+            if data is not None:
+                self._buf += data
             if len(buf) > _HEAD_MAX or b"\n\n" in buf or b"\n\r\n" in buf:
                 self._hand_over()  # oversized, or LF-only line ends: aiohttp's parser decides
             return
         head = bytes(buf[: end + 2])
         parsed = self._parse(head)
         if parsed is None:
+            if data is not None:
+                self._buf += data
             self._hand_over()
             return
         handler, path, headers, length, keep_alive = parsed
         self._cancel_timer()
         start = end + 4
         body = bytes(buf[start : start + length])
-        del buf[: start + len(body)]
+        taken = start + len(body)
+        if data is None:
+            del self._buf[:taken]
+        elif taken < len(data):
+            self._buf += data[taken:]  # a pipelined request behind it
         self._pending = length - len(body)
         content = _Body(body, self._pending == 0)
         request = FastRequest(self, path, headers, length, content, keep_alive and self._keepalive)

@@ -608,6 +608,35 @@ async def test_timeout_bounds_the_wait_for_the_answer_head(serve: Any, pool: Ups
     assert pool.idle_count(server.url) == 1
 
 
+async def test_a_reused_connection_times_each_request_by_its_own_deadline(serve: Any, pool: UpstreamPool) -> None:
+    """One deadline timer per connection, moved on lazily: a request is neither failed by an earlier
+    request's deadline passing nor let off when its own deadline is sooner than the armed one."""
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.path == "/slow":
+            await release.wait()
+        return web.Response(text="ok")
+
+    server = await serve(handler)
+    loop = asyncio.get_running_loop()
+    try:
+        for first_s, second_s in ((0.4, 0.5), (5.0, 0.3)):
+            resp = await pool.post(server.url, "/fast", b"", {}, timeout_s=first_s)
+            assert await resp.read() == b"ok"
+            if first_s < second_s:
+                await asyncio.sleep(first_s * 0.6)  # the first deadline passes while the second request waits
+            started = loop.time()
+            with pytest.raises(TimeoutError):
+                await pool.post(server.url, "/slow", b"", {}, timeout_s=second_s)
+            waited = loop.time() - started
+            assert second_s - 0.02 <= waited < second_s + 1.0, (first_s, second_s, waited)
+        assert len(set(server.peers[0:2])) == 1, "the second request went on the first one's connection"
+        assert len(set(server.peers[2:4])) == 1
+    finally:
+        release.set()
+
+
 async def test_a_poke_interrupts_a_silent_read_without_losing_bytes() -> None:
     from typing import cast
 

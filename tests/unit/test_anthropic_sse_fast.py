@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cortex.proxy.anthropic import DONE, SSEDecoder, encode_event, encode_sse, parse_data, parse_data_bytes
+from cortex.proxy.anthropic.stream import StreamTranslator
 
 ANY_CHAR = st.characters(codec=None, exclude_categories=())
 """Every code point, lone surrogates and control characters included."""
@@ -181,3 +182,67 @@ def test_a_read_that_is_one_whole_data_event_decodes_as_byte_by_byte(reads: list
     raw = b"".join(reads)
     expected = [event for i in range(len(raw)) for event in reference.feed(raw[i : i + 1])] + reference.close()
     assert got == expected
+
+
+def _mistralrs_chunk(content: bytes, *, model: bytes = b"Qwen/Qwen3-4B", tail: bytes = b',"usage":null}') -> bytes:
+    """A streamed chunk as mistral.rs writes it (docs/mistralrs-api.md), ``content`` the JSON of the text."""
+    return (
+        b'{"id":"7","choices":[{"finish_reason":null,"index":0,"delta":{"content":'
+        + content
+        + b',"role":"assistant","tool_calls":null},"logprobs":null}],"created":1760000000,"model":"'
+        + model
+        + b'","system_fingerprint":"local","object":"chat.completion.chunk"'
+        + tail
+    )
+
+
+def _opened() -> StreamTranslator:
+    tr = StreamTranslator(model="m")
+    tr.feed(json.loads(_mistralrs_chunk(b'"Hi"')))  # message_start and an open text block
+    return tr
+
+
+def _both_ways(data: bytes) -> tuple[bytes | None, int, bytes | list[bytes] | None, int]:
+    """(the bytes path's event, its output count) and (the parsed path's event(s), its output count)."""
+    fast, slow = _opened(), _opened()
+    got = fast.text_delta_bytes(data)
+    chunk = parse_data_bytes(data)
+    want: bytes | list[bytes] | None = None
+    if isinstance(chunk, Mapping):
+        want = slow.text_delta(chunk)
+        if want is None:
+            want = [encode_event(e) for e in slow.feed(chunk)]
+    return got, fast._out_bytes, want, slow._out_bytes
+
+
+def test_mistralrs_text_chunks_take_the_bytes_path() -> None:
+    for text in ("Hel", " brown", "é 🙂 中文", "\x7f", "a/b"):
+        got, got_n, want, want_n = _both_ways(_mistralrs_chunk(json.dumps(text, ensure_ascii=False).encode()))
+        assert got is not None, text
+        assert got == want
+        assert got_n == want_n
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    text=TEXT,
+    ascii_only=st.booleans(),
+    raw=st.one_of(st.none(), st.binary(max_size=6)),
+    model=st.sampled_from([b"m", b'a\\"b', b"\xc3\xa9"]),
+    tail=st.sampled_from([b',"usage":null}', b"}", b',"usage":{"prompt_tokens":1}}', b',"usage":null} ']),
+)
+def test_the_bytes_path_gives_what_parsing_gives_or_steps_aside(
+    text: str, ascii_only: bool, raw: bytes | None, model: bytes, tail: bytes
+) -> None:
+    """Any content (escapes, control characters, lone surrogates, invalid UTF-8) and any variant of the shape:
+    the bytes path gives exactly the parsed path's event and output count, or None (the parsed path then
+    decides, and may differ only because it is the one that runs)."""
+    content = (
+        b'"' + raw + b'"'
+        if raw is not None
+        else json.dumps(text, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    )
+    got, got_n, want, want_n = _both_ways(_mistralrs_chunk(content, model=model, tail=tail))
+    if got is not None:
+        assert got == want
+        assert got_n == want_n

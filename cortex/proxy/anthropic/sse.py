@@ -67,6 +67,18 @@ def encode_delta(index: int, delta_type: str, field: str, text: str) -> bytes:
     return (_DELTA_HEAD % (index, delta_type, field) + encode_basestring(text) + "}}\n\n").encode()
 
 
+_TEXT_DELTA_BYTES: Final = (_DELTA_HEAD.replace('"%s","%s":', '"text_delta","text":') + '"%s"}}\n\n').encode()
+
+
+def encode_text_literal(index: int, literal: bytes) -> bytes:
+    """:func:`encode_delta` of a text fragment given as the UTF-8 of a JSON string literal's inside.
+
+    The literal must need no escape in JSON (no quote, backslash or control character) and be valid UTF-8:
+    then it is what ``encode_basestring`` writes for its text, and it is copied as it is.
+    """
+    return _TEXT_DELTA_BYTES % (index, literal)
+
+
 class SSEDecoder:
     r"""Incremental SSE parser yielding ``(event name or None, data)`` for each dispatched event.
 

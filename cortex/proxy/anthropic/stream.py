@@ -30,6 +30,7 @@ The translator does no I/O: the gateway feeds parsed chunks, calls :meth:`finish
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -44,7 +45,14 @@ from ._common import (
     utf8_len,
 )
 from .errors import upstream_chunk_error
-from .sse import encode_delta
+from .sse import encode_delta, encode_text_literal
+
+_MISTRALRS_TEXT = re.compile(
+    rb'\{"id":"[^"\\]*","choices":\[\{"finish_reason":null,"index":0,"delta":\{"content":"([^"\\\x00-\x1f]+)",'
+    rb'"role":"assistant","tool_calls":null\},"logprobs":null\}\],"created":\d+,"model":"[^"\\]*",'
+    rb'"system_fingerprint":"[^"\\]*","object":"chat\.completion\.chunk","usage":null\}'
+)
+"""mistral.rs's streamed chunk that only adds text (the text's literal captured, with no escape in it)."""
 
 __all__ = ["Event", "StreamTranslator"]
 
@@ -252,6 +260,29 @@ class StreamTranslator:
             return None
         self._out_bytes += utf8_len(text)
         return encode_delta(self._next_index - 1, "text_delta", "text", text)
+
+    def text_delta_bytes(self, data: bytes) -> bytes | None:
+        """:meth:`text_delta` of a chunk still in bytes, when it is mistral.rs's plain text chunk to the byte.
+
+        A node sends nearly every chunk of a stream in exactly one shape (``docs/mistralrs-api.md``): one
+        pattern recognises it and takes the text's literal without parsing the JSON, and the event is
+        written around that literal. A literal with an escape, a control character or invalid UTF-8, and
+        any other shape or field, returns None: then parse the chunk and use :meth:`text_delta` or
+        :meth:`feed` (the two give the same bytes for the same chunk).
+        """
+        if self._open != "text" or self._pending or self._stops or self._done or self._finished:
+            return None
+        match = _MISTRALRS_TEXT.fullmatch(data)
+        if match is None:
+            return None
+        literal = match[1]
+        if not literal.isascii():
+            try:
+                literal.decode("utf-8")
+            except UnicodeDecodeError:
+                return None  # orjson refuses the chunk: the general way decides what becomes of it
+        self._out_bytes += len(literal)
+        return encode_text_literal(self._next_index - 1, literal)
 
     def finish(self, *, saw_done: bool = False) -> list[Event]:
         """End the stream on upstream ``[DONE]`` or EOF.
