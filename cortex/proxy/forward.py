@@ -169,8 +169,10 @@ async def send(
         CortexError: queue or placement errors from the engine; UpstreamError when no node answered.
         NodeReplyError: the node answered an error status (4xx, or a 5xx with no other node to try).
     """
-    if lease is None:  # at once where the model is loaded (no coroutine frames), else wait in its queue
-        lease = engine.lifecycle.lease_now(call.model) or await engine.acquire(call.model)
+    if lease is None:
+        lease = engine.lifecycle.lease_now(call.model)  # at once where the model is loaded (no coroutine frames)
+        if lease is None:
+            lease = await engine.acquire(call.model)  # else wait in its queue (a load, a drain, a restart)
     # From here to the return, this function owns the lease: whatever is raised (a node's error, a
     # cancelled client, a bug), the claim ends here, so in-flight counts cannot leak.
     try:

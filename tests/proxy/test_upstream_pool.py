@@ -585,15 +585,20 @@ async def test_https_endpoint_verifies_the_node_certificate(
         await runner.cleanup()
 
 
-async def test_timeout_bounds_the_wait_for_the_answer_head(serve: Any, pool: UpstreamPool) -> None:
-    release = asyncio.Event()
+def slow_until(release: asyncio.Event) -> Handler:
+    """A handler that answers "ok" at once, except on ``/slow``: only once ``release`` is set."""
 
-    async def slow_head(request: web.Request) -> web.Response:
+    async def handler(request: web.Request) -> web.Response:
         if request.path == "/slow":
             await release.wait()
         return web.Response(text="ok")
 
-    server = await serve(slow_head)
+    return handler
+
+
+async def test_timeout_bounds_the_wait_for_the_answer_head(serve: Any, pool: UpstreamPool) -> None:
+    release = asyncio.Event()
+    server = await serve(slow_until(release))
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(TimeoutError):
@@ -612,13 +617,7 @@ async def test_a_reused_connection_times_each_request_by_its_own_deadline(serve:
     """One deadline timer per connection, moved on lazily: a request is neither failed by an earlier
     request's deadline passing nor let off when its own deadline is sooner than the armed one."""
     release = asyncio.Event()
-
-    async def handler(request: web.Request) -> web.Response:
-        if request.path == "/slow":
-            await release.wait()
-        return web.Response(text="ok")
-
-    server = await serve(handler)
+    server = await serve(slow_until(release))
     loop = asyncio.get_running_loop()
     try:
         for first_s, second_s in ((0.4, 0.5), (5.0, 0.3)):
