@@ -5,9 +5,10 @@ the router, middlewares, a per-connection task loop) — more than a third of a 
 inference routes (``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``) make almost all
 of the traffic and have the simplest shape, so :class:`ClientProtocol` serves them itself: one pass over
 the request head (a compiled pattern, no per-header Python), a :class:`FastRequest` with just what the
-handlers read, the handler run as a task, and a whole ``web.Response`` written as one buffer. Streams use
-aiohttp's own ``StreamResponse`` and ``StreamWriter`` on this protocol, so the handlers are the same code
-for both fronts.
+handlers read, the handler run as a task, and a whole answer written as one buffer (a :class:`WholeAnswer`
+from one format, or any other ``web.Response`` serialised). Streams use :class:`FastStream`, a
+``StreamResponse`` that writes to this protocol's transport, so the handlers are the same code for both
+fronts.
 
 Anything else — another route or method, HTTP/1.0, a chunked or ``Expect`` body, a body over
 :data:`FAST_BODY_MAX`, a head with non-ASCII bytes, an obsolete line fold or anything unusual — hands
