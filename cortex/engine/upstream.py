@@ -266,9 +266,8 @@ class UpstreamResponse:
 class _Conn(asyncio.Protocol):
     """One keep-alive connection to a node and the parser of its answers."""
 
-    def __init__(self, host: _Host, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, host: _Host) -> None:
         self.host = host
-        self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -284,10 +283,6 @@ class _Conn(asyncio.Protocol):
         self._paused = False
         self._poller: select.poll | None = None
         self._until_close = False
-        self._deadline: float | None = None
-        """When the answer's head must have come (loop time), for the request in flight."""
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
 
     # -- asyncio.Protocol -----------------------------------------------------------------------------
 
@@ -327,9 +322,6 @@ class _Conn(asyncio.Protocol):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self.closed:  # aborted by cortex: everything pending has failed already
             return
         self.closed = True
@@ -395,39 +387,14 @@ class _Conn(asyncio.Protocol):
 
     # -- used by the pool and the response ------------------------------------------------------------
 
-    def send(self, data: bytes, request_id: str | None, deadline: float | None) -> asyncio.Future[UpstreamResponse]:
-        """Write one request; the future gets the answer's head, or ``TimeoutError`` after ``deadline``."""
+    def send(self, data: bytes, request_id: str | None) -> asyncio.Future[UpstreamResponse]:
         assert self.transport is not None
-        head = self.head = self.loop.create_future()
+        self.head = asyncio.get_running_loop().create_future()
         self.got_bytes = False
         self.head_bytes = 0
         self.request_id = request_id
-        self._deadline = deadline
-        if deadline is not None and (self._timer is None or self._timer_at > deadline):
-            self._arm(deadline)
         self.transport.write(data)
-        return head
-
-    def _arm(self, at: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = at
-        self._timer = self.loop.call_at(at, self._check_deadline)
-
-    def _check_deadline(self) -> None:
-        """The deadline timer: one per connection, moved on lazily rather than armed and cancelled per request.
-
-        When it fires, the request it was armed for may have been answered and another sent since: then it
-        moves to that request's deadline.
-        """
-        self._timer = None
-        head, deadline = self.head, self._deadline
-        if head is None or head.done() or deadline is None or self.closed:
-            return
-        if self.loop.time() < deadline:
-            self._arm(deadline)
-            return
-        self.expire()
+        return self.head
 
     def stale(self) -> bool:
         """Whether this idle connection has something to read: the node closed it or spoke unasked.
@@ -461,9 +428,6 @@ class _Conn(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close the connection at once; an unfinished answer fails with ``ClientConnectionError``."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if not self.closed:
             self.closed = True
             self.host.forget(self)
@@ -477,6 +441,22 @@ class _Conn(asyncio.Protocol):
         response, self.response = self.response, None
         if response is not None:
             response._finish(error)
+
+
+async def _exchange(
+    loop: asyncio.AbstractEventLoop, conn: _Conn, data: bytes, request_id: str | None, deadline: float | None
+) -> UpstreamResponse:
+    """Send one request on ``conn`` and wait for the answer's head (until ``deadline``, loop time)."""
+    head = conn.send(data, request_id)
+    timer = None if deadline is None else loop.call_at(deadline, conn.expire)
+    try:
+        return await head
+    except asyncio.CancelledError:
+        conn.abort()  # an answer may still come: this connection cannot carry another request
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 class _Unasked(Exception):
@@ -512,13 +492,14 @@ class _Host:
         Raises:
             ValueError: a header with a line break or a character outside Latin-1.
         """
-        fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
-        if fields.count("\n") != len(headers) or fields.count("\r") != len(headers):  # one line break per line
-            bad = next(name for name, value in headers.items() if "\r" in name + value or "\n" in name + value)
-            raise ValueError(f"header {bad!r} has a line break")
-        head = f"POST {self.prefix}{path} HTTP/1.1\r\nHost: {self.host_header}\r\nContent-Length: {len(body)}\r\n"
+        lines = [f"POST {self.prefix}{path} HTTP/1.1\r\nHost: {self.host_header}\r\nContent-Length: {len(body)}\r\n"]
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise ValueError(f"header {name!r} has a line break")
+            lines.append(f"{name}: {value}\r\n")
+        lines.append("\r\n")
         try:
-            return (head + fields + "\r\n").encode("latin-1") + body
+            return "".join(lines).encode("latin-1") + body
         except UnicodeEncodeError:
             raise ValueError("a request header has a character outside Latin-1") from None
 
@@ -546,7 +527,7 @@ class _Host:
         try:
             async with asyncio.timeout(limit):
                 _, conn = await loop.create_connection(
-                    lambda: _Conn(self, loop),
+                    lambda: _Conn(self),
                     self.hostname,
                     self.port,
                     ssl=self._ssl,
@@ -614,20 +595,18 @@ class UpstreamPool:
         host = self._host(endpoint)
         data = host.head(path, body, headers)
         request_id = headers.get("x-request-id")
-        conn = host.take()  # on an idle connection the request leaves now, before the first await
-        fresh = conn is None
-        while True:
-            if conn is None:
-                conn = await host.connect(None if deadline is None else deadline - loop.time())
+        conn = host.take()
+        if conn is not None:
+            # On an idle connection the request leaves now, before the first await.
             try:
-                return await conn.send(data, request_id, deadline)
+                return await _exchange(loop, conn, data, request_id, deadline)
             except _Dead:
-                if fresh:  # cannot happen on a fresh connection; keep the type out of callers anyway
-                    raise aiohttp.ServerDisconnectedError() from None
-                conn, fresh = None, True  # reset unread: once more, on a new connection (never another idle one)
-            except asyncio.CancelledError:
-                conn.abort()  # an answer may still come: this connection cannot carry another request
-                raise
+                pass  # reset unread: once more, on a new connection (never another idle one)
+        conn = await host.connect(None if deadline is None else deadline - loop.time())
+        try:
+            return await _exchange(loop, conn, data, request_id, deadline)
+        except _Dead:  # cannot happen on a fresh connection; keep the type out of callers anyway
+            raise aiohttp.ServerDisconnectedError() from None
 
     async def warm(self, endpoint: str, count: int) -> int:
         """Open connections until ``count`` are idle (for requests about to be released); how many opened."""

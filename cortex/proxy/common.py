@@ -21,7 +21,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from cortex.engine.lifecycle import Lease
 from cortex.engine.state import NodeStatus
 from cortex.errors import BadRequest, CortexError, NoNodeAvailable, PayloadTooLarge, Unauthorized, UnknownModel
-from cortex.proxy.fast import WholeAnswer, open_stream
+from cortex.proxy.fast import WholeAnswer, header_dict, open_stream
 from cortex.proxy.forward import Call, clean_request_id
 
 if TYPE_CHECKING:
@@ -221,23 +221,12 @@ def header_safe(value: str) -> str:
     return "".join(c if " " <= c <= "~" else f"%{ord(c):02X}" if ord(c) < 256 else f"%u{ord(c):04X}" for c in value)
 
 
-def cortex_headers(call: Call, upstream_request_id: str | None = None) -> dict[str, str]:
-    """The response headers that tell the client where its request went.
-
-    The node's ``x-request-id`` is passed back only when it is a usable id (:func:`clean_request_id` rules).
-    """
-    headers = {
-        "x-cortex-node": call.node,
-        "x-cortex-model": header_safe(call.model),
-        "x-cortex-queue-ms": str(int(call.queue_s * 1000)),
-    }
-    if upstream_request_id and clean_request_id(upstream_request_id) == upstream_request_id:
-        headers["x-request-id"] = upstream_request_id
-    return headers
-
-
 def cortex_lines(call: Call, upstream_request_id: str | None = None) -> str:
-    r""":func:`cortex_headers` as header lines (``Name: value\r\n``), every value safe to send as is."""
+    r"""The response headers that tell the client where its request went, as ``Name: value\r\n`` lines.
+
+    Every value is safe to send as it is (:func:`header_safe`). The node's ``x-request-id`` is passed back
+    only when it is a usable id (:func:`clean_request_id` rules).
+    """
     lines = (
         f"x-cortex-node: {header_safe(call.node)}\r\nx-cortex-model: {header_safe(call.model)}\r\n"
         f"x-cortex-queue-ms: {int(call.queue_s * 1000)}\r\n"
@@ -245,6 +234,11 @@ def cortex_lines(call: Call, upstream_request_id: str | None = None) -> str:
     if upstream_request_id and clean_request_id(upstream_request_id) == upstream_request_id:
         lines += f"x-request-id: {upstream_request_id}\r\n"
     return lines
+
+
+def cortex_headers(call: Call, upstream_request_id: str | None = None) -> dict[str, str]:
+    """:func:`cortex_lines` as a dict (for a ``web.Response``)."""
+    return header_dict(cortex_lines(call, upstream_request_id))
 
 
 async def acquire_streaming(

@@ -51,6 +51,7 @@ __all__ = [
     "FastStream",
     "Handler",
     "WholeAnswer",
+    "header_dict",
     "open_stream",
 ]
 
@@ -130,8 +131,13 @@ class WholeAnswer:
 
     def to_response(self) -> web.Response:
         """The same answer for aiohttp's server."""
-        headers = dict(line.split(": ", 1) for line in self.lines.split("\r\n") if line)
+        headers = header_dict(self.lines)
         return web.Response(status=self.status, body=self.body, content_type="application/json", headers=headers)
+
+
+def header_dict(lines: str) -> dict[str, str]:
+    r"""``Name: value\r\n`` header lines as a dict."""
+    return dict(line.split(": ", 1) for line in lines.split("\r\n") if line)
 
 
 class Connections:
@@ -387,12 +393,9 @@ class ClientProtocol(BaseProtocol):
         "_carry",
         "_conns",
         "_factory",
-        "_idle",
-        "_idle_since",
         "_inner",
         "_keepalive",
         "_pending",
-        "_read_paused",
         "_request",
         "_routes",
         "_task",
@@ -410,11 +413,6 @@ class ClientProtocol(BaseProtocol):
         self._routes = routes
         self._inner: asyncio.Protocol | None = None
         self._timer: asyncio.TimerHandle | None = None
-        """The first head's deadline."""
-        self._idle: asyncio.TimerHandle | None = None
-        """The keep-alive deadline: armed once, moved on lazily (see :meth:`_idle_out`)."""
-        self._idle_since = 0.0
-        self._read_paused = False
         self._carry = b""
         self._buf = bytearray()
         self._task: asyncio.Task[None] | None = None
@@ -457,16 +455,11 @@ class ClientProtocol(BaseProtocol):
         if self._pending:
             self._body_part(data)
             return
-        if self._task is None:
-            if self._buf:
-                self._buf += data
-                self._next()
-            else:
-                self._next(data)  # the usual read: a whole request, taken from the bytes as they came
-            return
         self._buf += data
-        if len(self._buf) > _PIPELINE_MAX and self.transport is not None:
-            self._pause_reading()
+        if self._task is None:
+            self._next()
+        elif len(self._buf) > _PIPELINE_MAX and self.transport is not None:
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
         if self._inner is not None:
@@ -477,9 +470,6 @@ class ClientProtocol(BaseProtocol):
         if self.transport is None and self._inner is None:
             return  # refused at admission
         self._cancel_timer()
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
         self._conns.release()
         self._conns.fast.discard(self)
         inner, self._inner = self._inner, None
@@ -522,32 +512,24 @@ class ClientProtocol(BaseProtocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _next(self, data: bytes | None = None) -> None:
-        """Parse the next request in the buffer (or in ``data``, when the buffer is empty), if its head is complete."""
-        buf: bytes | bytearray = self._buf if data is None else data
+    def _next(self) -> None:
+        """Parse the next request in the buffer, if its head is complete."""
+        buf = self._buf
         end = buf.find(b"\r\n\r\n")
         if end < 0:
-            if data is not None:
-                self._buf += data
             if len(buf) > _HEAD_MAX or b"\n\n" in buf or b"\n\r\n" in buf:
                 self._hand_over()  # oversized, or LF-only line ends: aiohttp's parser decides
             return
         head = bytes(buf[: end + 2])
         parsed = self._parse(head)
         if parsed is None:
-            if data is not None:
-                self._buf += data
             self._hand_over()
             return
         handler, path, headers, length, keep_alive = parsed
         self._cancel_timer()
         start = end + 4
         body = bytes(buf[start : start + length])
-        taken = start + len(body)
-        if data is None:
-            del self._buf[:taken]
-        elif taken < len(data):
-            self._buf += data[taken:]  # a pipelined request behind it
+        del buf[: start + len(body)]
         self._pending = length - len(body)
         content = _Body(body, self._pending == 0)
         request = FastRequest(self, path, headers, length, content, keep_alive and self._keepalive)
@@ -603,7 +585,7 @@ class ClientProtocol(BaseProtocol):
         if take < len(data):
             self._buf += data[take:]
             if len(self._buf) > _PIPELINE_MAX and self.transport is not None:
-                self._pause_reading()
+                self.transport.pause_reading()
 
     async def _serve(self, handler: Handler, request: FastRequest) -> None:
         keep_alive = False
@@ -627,12 +609,9 @@ class ClientProtocol(BaseProtocol):
         if not keep_alive or self._pending or not self._keepalive:
             transport.close()  # an unread body (refused before it came) or a client that asked for it
             return
-        if self._read_paused and len(self._buf) <= _PIPELINE_MAX:
-            self._read_paused = False
+        if len(self._buf) <= _PIPELINE_MAX:
             transport.resume_reading()
-        self._idle_since = self.loop.time()
-        if self._idle is None:
-            self._idle = self.loop.call_at(self._idle_since + self._conns.keepalive_timeout_s, self._idle_out)
+        self._timer = self.loop.call_later(self._conns.keepalive_timeout_s, self._idle_out)
         if self._buf:
             self._next()
 
@@ -658,26 +637,11 @@ class ClientProtocol(BaseProtocol):
         await resp.write_eof()
         return keep_alive and resp.keep_alive is not False
 
-    def _pause_reading(self) -> None:
-        if self.transport is not None:
-            self._read_paused = True
-            self.transport.pause_reading()
-
     def _idle_out(self) -> None:
-        """Close the connection when no complete request came since the last answer's keep-alive time.
-
-        One timer per connection, not one per request: when it fires after a later answer, it is moved to
-        that answer's deadline. A request being answered holds it off (``_serve`` arms it again when done);
-        a partial head does not.
-        """
-        self._idle = None
-        if self._task is not None or self._inner is not None or self.transport is None:
-            return
-        due = self._idle_since + self._conns.keepalive_timeout_s
-        if self.loop.time() < due:
-            self._idle = self.loop.call_at(due, self._idle_out)
-            return
-        self.transport.close()
+        # No complete request since the last answer (a partial head does not keep the connection).
+        self._timer = None
+        if self._task is None and self.transport is not None:
+            self.transport.close()
 
     # -- aiohttp's protocol -----------------------------------------------------------------------
 

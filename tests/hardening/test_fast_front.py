@@ -198,8 +198,8 @@ async def test_an_idle_connection_after_an_answer_is_closed(sim: SimNode, gatewa
 
 
 async def test_a_connection_in_use_outlives_its_first_keepalive_deadline(sim: SimNode, gateway: GatewayFactory) -> None:
-    """The keep-alive timer is armed once per connection and moved on lazily: a connection that carries a
-    request every third of the timeout stays open past several timeouts, then closes once it idles."""
+    """The keep-alive deadline counts from the last answer: a connection that carries a request every third of
+    the timeout stays open past several timeouts, then closes once it idles (not before its time)."""
     timeout_s = 0.45
     gw = await gateway(sim.url, keepalive_timeout_s=timeout_s)
     loop = asyncio.get_running_loop()

@@ -614,8 +614,8 @@ async def test_timeout_bounds_the_wait_for_the_answer_head(serve: Any, pool: Ups
 
 
 async def test_a_reused_connection_times_each_request_by_its_own_deadline(serve: Any, pool: UpstreamPool) -> None:
-    """One deadline timer per connection, moved on lazily: a request is neither failed by an earlier
-    request's deadline passing nor let off when its own deadline is sooner than the armed one."""
+    """On a reused connection a request is neither failed by an earlier request's deadline passing nor let
+    off when its own deadline is sooner than the earlier one's."""
     release = asyncio.Event()
     server = await serve(slow_until(release))
     loop = asyncio.get_running_loop()
