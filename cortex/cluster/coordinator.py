@@ -147,9 +147,7 @@ class Cluster:
 
     def view(self) -> ClusterView:
         """The gateways and lease holders, as last read."""
-        leases = tuple(
-            LeaseInfo(node, *self.holders.get(node, ("", 0))) for node in self.engine.fleet.nodes
-        )
+        leases = tuple(LeaseInfo(node, *self.holders.get(node, ("", 0))) for node in self.engine.fleet.nodes)
         return ClusterView(name=self.name, store_up=self.store.up, gateways=self.registry.gateways, leases=leases)
 
     def _store_changed(self, up: bool) -> None:

@@ -121,11 +121,7 @@ class Leases:
     def holds(self, node: str) -> bool:
         """Whether this gateway's lease on ``node`` is valid now (renewed recently, not lost)."""
         held = self._held.get(node)
-        return (
-            held is not None
-            and not held.lost
-            and self._now() - held.renewed < self.ttl_s * VALID_SHARE
-        )
+        return held is not None and not held.lost and self._now() - held.renewed < self.ttl_s * VALID_SHARE
 
     async def acquire(self, node: str) -> bool | None:
         """Take or re-enter the lease: None refused, True newly taken, False already held by this gateway."""

@@ -43,6 +43,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import httptools
 
+from cortex.engine.deadline import Deadline
+
 __all__ = ["IDLE_S", "UpstreamPool", "UpstreamResponse"]
 
 IDLE_S = 15.0
@@ -266,7 +268,7 @@ class UpstreamResponse:
 class _Conn(asyncio.Protocol):
     """One keep-alive connection to a node and the parser of its answers."""
 
-    def __init__(self, host: _Host) -> None:
+    def __init__(self, host: _Host, loop: asyncio.AbstractEventLoop) -> None:
         self.host = host
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -283,6 +285,8 @@ class _Conn(asyncio.Protocol):
         self._paused = False
         self._poller: select.poll | None = None
         self._until_close = False
+        self.deadline = Deadline(loop, self.expire)
+        """When the head of the answer in flight must have come (see :func:`_exchange`)."""
 
     # -- asyncio.Protocol -----------------------------------------------------------------------------
 
@@ -322,6 +326,7 @@ class _Conn(asyncio.Protocol):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.deadline.cancel()
         if self.closed:  # aborted by cortex: everything pending has failed already
             return
         self.closed = True
@@ -428,6 +433,7 @@ class _Conn(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close the connection at once; an unfinished answer fails with ``ClientConnectionError``."""
+        self.deadline.cancel()
         if not self.closed:
             self.closed = True
             self.host.forget(self)
@@ -443,20 +449,18 @@ class _Conn(asyncio.Protocol):
             response._finish(error)
 
 
-async def _exchange(
-    loop: asyncio.AbstractEventLoop, conn: _Conn, data: bytes, request_id: str | None, deadline: float | None
-) -> UpstreamResponse:
+async def _exchange(conn: _Conn, data: bytes, request_id: str | None, deadline: float | None) -> UpstreamResponse:
     """Send one request on ``conn`` and wait for the answer's head (until ``deadline``, loop time)."""
     head = conn.send(data, request_id)
-    timer = None if deadline is None else loop.call_at(deadline, conn.expire)
+    if deadline is not None:
+        conn.deadline.set(deadline)  # the connection's one timer, moved: not one armed and cancelled per request
     try:
         return await head
     except asyncio.CancelledError:
         conn.abort()  # an answer may still come: this connection cannot carry another request
         raise
     finally:
-        if timer is not None:
-            timer.cancel()
+        conn.deadline.clear()
 
 
 class _Unasked(Exception):
@@ -527,7 +531,7 @@ class _Host:
         try:
             async with asyncio.timeout(limit):
                 _, conn = await loop.create_connection(
-                    lambda: _Conn(self),
+                    lambda: _Conn(self, loop),
                     self.hostname,
                     self.port,
                     ssl=self._ssl,
@@ -599,12 +603,12 @@ class UpstreamPool:
         if conn is not None:
             # On an idle connection the request leaves now, before the first await.
             try:
-                return await _exchange(loop, conn, data, request_id, deadline)
+                return await _exchange(conn, data, request_id, deadline)
             except _Dead:
                 pass  # reset unread: once more, on a new connection (never another idle one)
         conn = await host.connect(None if deadline is None else deadline - loop.time())
         try:
-            return await _exchange(loop, conn, data, request_id, deadline)
+            return await _exchange(conn, data, request_id, deadline)
         except _Dead:  # cannot happen on a fresh connection; keep the type out of callers anyway
             raise aiohttp.ServerDisconnectedError() from None
 

@@ -40,6 +40,8 @@ from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from cortex.engine.deadline import Deadline
+
 if TYPE_CHECKING:
     from aiohttp.abc import AbstractStreamWriter
 
@@ -393,6 +395,7 @@ class ClientProtocol(BaseProtocol):
         "_carry",
         "_conns",
         "_factory",
+        "_idle",
         "_inner",
         "_keepalive",
         "_pending",
@@ -413,6 +416,9 @@ class ClientProtocol(BaseProtocol):
         self._routes = routes
         self._inner: asyncio.Protocol | None = None
         self._timer: asyncio.TimerHandle | None = None
+        """The first head's deadline."""
+        self._idle = Deadline(loop, self._idle_out)
+        """The keep-alive deadline, set after each answer."""
         self._carry = b""
         self._buf = bytearray()
         self._task: asyncio.Task[None] | None = None
@@ -441,10 +447,11 @@ class ClientProtocol(BaseProtocol):
     def data_received(self, data: bytes) -> None:
         inner = self._inner
         if inner is not None:
-            if self._timer is not None:  # aiohttp's: the first head's deadline until its end is seen
+            if self._timer is not None or self._idle.pending:  # aiohttp's: the head's deadline until its end
                 seen = self._carry + data
                 if b"\n\n" in seen or b"\n\r\n" in seen:
                     self._cancel_timer()
+                    self._idle.cancel()
                     self._carry = b""
                 else:
                     self._carry = seen[-2:]
@@ -470,6 +477,7 @@ class ClientProtocol(BaseProtocol):
         if self.transport is None and self._inner is None:
             return  # refused at admission
         self._cancel_timer()
+        self._idle.cancel()
         self._conns.release()
         self._conns.fast.discard(self)
         inner, self._inner = self._inner, None
@@ -527,6 +535,7 @@ class ClientProtocol(BaseProtocol):
             return
         handler, path, headers, length, keep_alive = parsed
         self._cancel_timer()
+        self._idle.clear()  # a whole head came in time
         start = end + 4
         body = bytes(buf[start : start + length])
         del buf[: start + len(body)]
@@ -611,7 +620,7 @@ class ClientProtocol(BaseProtocol):
             return
         if len(self._buf) <= _PIPELINE_MAX:
             transport.resume_reading()
-        self._timer = self.loop.call_later(self._conns.keepalive_timeout_s, self._idle_out)
+        self._idle.set(self.loop.time() + self._conns.keepalive_timeout_s)
         if self._buf:
             self._next()
 
@@ -639,7 +648,6 @@ class ClientProtocol(BaseProtocol):
 
     def _idle_out(self) -> None:
         # No complete request since the last answer (a partial head does not keep the connection).
-        self._timer = None
         if self._task is None and self.transport is not None:
             self.transport.close()
 
