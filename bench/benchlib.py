@@ -334,6 +334,15 @@ def cortex_models_state(base: str) -> dict[str, str]:
         return {}
 
 
+PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
+"""The one user message every chat benchmark sends."""
+
+
+def chat_body(model: str, max_tokens: int, stream: bool = False) -> str:
+    """A chat completions request body with :data:`PROMPT`."""
+    return json.dumps({"model": model, "messages": PROMPT, "max_tokens": max_tokens, "stream": stream})
+
+
 def quantile(values: Sequence[float], q: float) -> float:
     """Nearest-rank quantile of unsorted ``values`` (NaN when empty)."""
     if not values:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import socket
 import statistics
 import sys
@@ -33,6 +32,7 @@ from benchlib import (
     BENCH_KEY,
     PY,
     Procs,
+    chat_body,
     cortex_config,
     cortex_models_state,
     free_port,
@@ -44,9 +44,7 @@ from benchlib import (
 from wiretap import WireTap
 
 MODEL = "bench-fast"
-BODY = json.dumps(
-    {"model": MODEL, "messages": [{"role": "user", "content": "Say hello in one short sentence."}], "max_tokens": 16}
-).encode()
+BODY = chat_body(MODEL, 16).encode()
 
 
 def _exchange(sock: socket.socket, request: bytes) -> None:

@@ -14,14 +14,18 @@ byte), ``bench-chunks`` emitting one SSE chunk per token at a high rate (CPU per
   keep-alive upstreams (skipped with a note when ``nginx`` is not installed);
 * ``minimal`` — ``bench/minimal_proxy.py``, the floor for a Python proxy on aiohttp (asyncio's event loop);
 * ``minimal-uv`` — the same proxy with ``--uvloop``: cortex runs on uvloop by default, so its floor is quoted
-  on both loops (skipped with a note when uvloop is not installed).
+  on both loops (skipped with a note when uvloop is not installed);
+* ``floor``   — ``bench/floor_proxy.py``, bytes copied between sockets by uvloop with nothing parsed, in the
+  concurrency-1 phase only: what the extra hop costs on its own, so that a proxy's added latency can be
+  split into the hop's and its own work's (``floor`` in the results).
 
 Loads come from ``bench/loadgen.py``, one process per job, never the proxy's process. A proxy's CPU is
 utime+stime from /proc/PID/stat (its children included) over the measured requests only. Targets are
-interleaved and rotated round by round; CPU and req/s are medians over repetitions, latencies are pooled
-over rounds. The figures that matter are the ratios to the minimal proxies measured in the same run
-(``ratios_to_minimal`` and ``ratios_to_minimal_uv``). ``--cortex-loop`` writes ``gateway.event_loop`` into
-cortex's generated config, so an A/B of cortex's event loop is one command per loop (default: cortex's own).
+interleaved (rotated round by round; at concurrency 1, shuffled every round); CPU and req/s are medians
+over repetitions, latencies are pooled over rounds. The figures that matter are the ratios to the minimal
+proxies measured in the same run (``ratios_to_minimal`` and ``ratios_to_minimal_uv``). ``--cortex-loop``
+writes ``gateway.event_loop`` into cortex's generated config, so an A/B of cortex's event loop is one
+command per loop (default: cortex's own).
 """
 
 from __future__ import annotations
@@ -45,9 +49,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (
     BENCH,
+    PROMPT,
     PY,
     ROOT,
     Procs,
+    chat_body,
     cortex_config,
     cortex_models_state,
     cpu_seconds,
@@ -65,7 +71,6 @@ from benchlib import (
 
 PHASES = {"fast": "bench-fast", "chunks": "bench-chunks", "slow": "bench-slow"}
 """Phase → the model its node serves."""
-PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
 
 FULL = {
     "req_n": 1000,  # requests per repetition at concurrency 32 (targets rotated and interleaved)
@@ -125,10 +130,6 @@ class Target:
     """phase → (host, port)."""
     pids: list[int] = field(default_factory=list)
     """Processes whose CPU and RSS count (empty for direct)."""
-
-
-def chat_body(model: str, max_tokens: int, stream: bool) -> str:
-    return json.dumps({"model": model, "messages": PROMPT, "max_tokens": max_tokens, "stream": stream})
 
 
 class Runner:
@@ -372,6 +373,15 @@ def start_all(procs: Procs, tmp: Path, cfg: dict[str, Any], log: Any) -> tuple[l
         url = f"http://127.0.0.1:{mroutes['fast']}/health"
         wait_for(partial(lambda u: http("GET", u, timeout=1)[0] == 200, url), 20, f"{name} proxy", mini)
         targets.append(Target(name, {p: ("127.0.0.1", mroutes[p]) for p in PHASES}, [mini.pid]))
+
+    # the floor: bytes copied, nothing parsed (concurrency 1 only)
+    fport = free_port()
+    floor = procs.start(
+        "floor", [PY, str(BENCH / "floor_proxy.py"), "--route", f"127.0.0.1:{fport}=127.0.0.1:{sim_ports['fast']}"], env
+    )
+    url = f"http://127.0.0.1:{fport}/health"
+    wait_for(lambda: http("GET", url, timeout=1)[0] == 200, 20, "floor proxy", floor)
+    info["floor"] = Target("floor", {"fast": ("127.0.0.1", fport)}, [floor.pid])
     info["all_pids"] = [pid for proc in procs.items for pid in with_descendants(proc.pid)]
     return targets, info
 
@@ -502,12 +512,18 @@ def measure(cfg: dict[str, Any], targets: list[Target], info: dict[str, Any], r:
         f"concurrency 1, targets interleaved request by request: {cfg['lat_n']} requests and {cfg['lat_n']} "
         "streams each"
     )
+    floor: dict[str, dict[str, Any]] = {}
     for kind in ("requests", "ttfb"):
-        res = r.run(r.interleaved(targets, kind, cfg["lat_n"], warm=20))["targets"]
+        res = r.run(r.interleaved([*targets, info["floor"]], kind, cfg["lat_n"], warm=20))["targets"]
+        floor[kind + "_c1"] = res.pop("floor")
         for name, x in res.items():
             raw[name][kind + "_c1"] = [x]
-    for t in targets:
-        a, b = raw[t.name]["requests_c1"][0], raw[t.name]["ttfb_c1"][0]
+    for t in [*targets, info["floor"]]:
+        a, b = (
+            (floor["requests_c1"], floor["ttfb_c1"])
+            if t.name == "floor"
+            else (raw[t.name]["requests_c1"][0], raw[t.name]["ttfb_c1"][0])
+        )
         log(
             f"  {t.name:10s} p50 {a['p50_ms']:.3f} ms  p99 {a['p99_ms']:.3f} ms  TTFB p50 {b['p50_ms']:.3f} ms"
             f"  errors {a['errors'] + b['errors']}"
@@ -607,6 +623,19 @@ def measure(cfg: dict[str, Any], targets: list[Target], info: dict[str, Any], r:
         s["added_p50_ms"] = s["p50_ms"] - direct["p50_ms"] if name != "direct" else None
         s["added_p99_ms"] = s["p99_ms"] - direct["p99_ms"] if name != "direct" else None
         s["added_ttfb_ms"] = s["ttfb_p50_ms"] - direct["ttfb_p50_ms"] if name != "direct" else None
+    lat, ttfb = floor["requests_c1"], floor["ttfb_c1"]
+    hop = {
+        "p50_ms": lat["p50_ms"],
+        "ttfb_p50_ms": ttfb["p50_ms"],
+        "cpu_us_per_req_c1": lat["cpu_us_per_req"],
+        "added_p50_ms": lat["p50_ms"] - direct["p50_ms"],
+        "added_ttfb_ms": ttfb["p50_ms"] - direct["ttfb_p50_ms"],
+        "errors": lat["errors"] + ttfb["errors"],
+    }
+    for base_name in MINIMALS:
+        if base_name in summary:
+            key = "added_p50_to_" + base_name.replace("-", "_")
+            hop[key] = hop["added_p50_ms"] / summary[base_name]["added_p50_ms"]
 
     def ratios_to(base_name: str) -> dict[str, dict[str, float | None]]:
         """Each proxy's figures over the minimal proxy ``base_name``'s (empty when it did not run)."""
@@ -696,8 +725,17 @@ def measure(cfg: dict[str, Any], targets: list[Target], info: dict[str, Any], r:
         "limit": METRICS_LIMIT,
         "met": frac is not None and frac <= METRICS_LIMIT,
     }
+    # The hop alone (floor) and what each proxy's own work adds over it, as a share of minimal's.
+    if "minimal" in summary:
+        own = summary["minimal"]["added_p50_ms"] - hop["added_p50_ms"]
+        hop["own_work_to_minimal"] = {
+            n: (summary[n]["added_p50_ms"] - hop["added_p50_ms"]) / own if own > 0 else None
+            for n in names
+            if n not in ("direct", "minimal")
+        }
     return {
         "summary": summary,
+        "floor": hop,
         "ratios_to_minimal": ratios,
         "ratios_to_minimal_uv": ratios_uv,
         "checks": checks,
@@ -776,6 +814,15 @@ def table(result: dict[str, Any]) -> str:
         f"{fmt(mb['fraction_of_cortex_cpu_per_req'] and 100 * mb['fraction_of_cortex_cpu_per_req'])} % "
         f"of cortex's CPU per request"
     )
+    hop = result.get("floor")
+    if hop and "added_p50_to_minimal" in hop:
+        own = hop.get("own_work_to_minimal", {})
+        lines.append(
+            f"  floor (bytes copied by uvloop, nothing parsed): added p50 {hop['added_p50_ms']:.3f} ms = "
+            f"{hop['added_p50_to_minimal']:.2f}x minimal's; over the floor, each proxy's own work = "
+            + ", ".join(f"{n} {fmt(v, '.2f')}x" for n, v in own.items())
+            + " minimal's"
+        )
     lines.append(f"  cortex idle: {result['cortex_idle_cpu_us_per_s']:.0f} CPU-µs/s (polling)")
     lines.append(f"  other work on the machine during the run: {result['foreign_cpu_cores']:.2f} cores on average")
     return "\n".join(lines)
