@@ -11,8 +11,10 @@ import gzip
 import json
 import socket
 
+import pytest
 from aiohttp import web
 
+from cortex.proxy import fast
 from cortex.proxy.common import cortex_lines
 from cortex.proxy.fast import FAST_BODY_MAX, ClientProtocol, Connections, Handler, WholeAnswer, open_stream
 from cortex.proxy.forward import Call
@@ -374,3 +376,41 @@ def test_a_whole_answer_escapes_what_it_cannot_send() -> None:
     assert resp.body == b"{}"
     assert resp.headers["x-cortex-model"] == "evil%0D%0AX-Injected: 1"
     assert resp.headers["x-cortex-node"] == "gpu%0A0"
+
+
+async def test_the_cpu_is_handed_on_after_an_answer_only_when_nothing_else_is_answered(
+    gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a whole answer (a success or an error) that was the front's only work, cortex yields its CPU
+    to the client it woke; while a stream is being answered it does not, and once the stream is over it
+    does again."""
+    calls: list[int] = []
+    monkeypatch.setattr(fast, "_yield_cpu", lambda: calls.append(1))
+    node = SimNode([SimModel("m", 1000)], name="n1", vram_mb=8192, load_s=0.01, tok_s=20.0)
+    await node.start()
+    try:
+        gw = await gateway(node.url, first_byte_timeout_s=30.0, stream_idle_timeout_s=30.0)
+        conns = gw.servers.connections
+        assert conns is not None
+        unknown = json.dumps({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        for body, status in ((CHAT, 200), (unknown, 404)):
+            reply = await exchange(gw.port, request_bytes("/v1/chat/completions", body))
+            assert reply.status == status, reply.body
+        assert (len(calls), conns.handed) == (2, 2)
+
+        long = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "stream": True}
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(request_bytes("/v1/chat/completions", json.dumps(long).encode()))
+            assert (await asyncio.wait_for(reader.readuntil(b"data:"), WAIT_S)).startswith(b"HTTP/1.1 200")
+            assert conns.answering == 1
+            chat_ok(await exchange(gw.port, request_bytes("/v1/chat/completions", CHAT)))
+            assert (len(calls), conns.handed) == (2, 2), "the stream was still being answered"
+        finally:
+            writer.transport.abort()
+        await wait_until(lambda: conns.answering == 0, "the stream's handler ends")
+        chat_ok(await exchange(gw.port, request_bytes("/v1/chat/completions", CHAT)))
+        assert (len(calls), conns.handed) == (3, 3)
+        await gw.settled()
+    finally:
+        await node.stop()
