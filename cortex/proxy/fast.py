@@ -661,13 +661,13 @@ class ClientProtocol(BaseProtocol):
     def _hand_cpu(self) -> None:
         """After a whole answer that was the front's only work: let the woken client run before the rest.
 
-        The write wakes the client, and on one machine Linux puts a task woken by a socket write on the
+        The write wakes the client, and on one machine Linux often puts a task woken by a socket write on the
         writer's CPU, expecting the writer to sleep soon. The client then waits for cortex to finish its turn
         of the loop: the connection's keep-alive bookkeeping and the request's metrics, log and console
         event. A ``sched_yield`` lets it have the CPU first; that work follows. When other requests are being
-        answered the loop is busy anyway and this is skipped, so it costs nothing under load (a remote client
-        is not on this CPU, and the call then returns at once). ``bench/latency_ab.py``: the added latency
-        at concurrency 1 went to 0.86-0.95x of what it was.
+        answered the loop is busy anyway and this is skipped, so it costs nothing under load; with nothing
+        else waiting for this CPU (a remote client) the call returns at once. ``bench/latency_ab.py``: the
+        added latency at concurrency 1 went to 0.86-0.95x of what it was.
         """
         if self._conns.answering == 1:
             self._conns.handed += 1
