@@ -44,6 +44,7 @@ class _Front(asyncio.Protocol):
         self.upstream: asyncio.Transport | None = None
         self.early: list[bytes] = []
         self.task: asyncio.Task[None] | None = None
+        """The connect task, held so that it is not garbage-collected while it runs."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)

@@ -167,8 +167,6 @@ class Connections:
         """Requests the fast front has taken (tests and benchmarks read it)."""
         self.answering = 0
         """Requests the fast front is answering now (streams included)."""
-        self.handed = 0
-        """Whole answers after which the CPU was handed on (:meth:`ClientProtocol._hand_cpu`; tests read it)."""
 
     def admit(self) -> bool:
         """Count one more connection, or refuse it (logging once when an episode of refusals starts)."""
@@ -670,7 +668,6 @@ class ClientProtocol(BaseProtocol):
         added latency at concurrency 1 went to 0.86-0.95x of what it was.
         """
         if self._conns.answering == 1:
-            self._conns.handed += 1
             _yield_cpu()
 
     def _idle_out(self) -> None:
