@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -47,6 +46,7 @@ from benchlib import (
     BENCH,
     PY,
     Procs,
+    chat_body,
     cortex_config,
     cortex_models_state,
     free_port,
@@ -60,13 +60,12 @@ from benchlib import (
 from wiretap import WireTap, released
 
 WARM, COLD = "bench-warm", "bench-cold"
-PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
 EXTRA_LIMIT_MS = 50.0
 RELEASE_LIMIT_MS = 20.0
 
 
 def body(model: str, max_tokens: int = 16) -> bytes:
-    return json.dumps({"model": model, "messages": PROMPT, "max_tokens": max_tokens, "stream": True}).encode()
+    return chat_body(model, max_tokens, stream=True).encode()
 
 
 async def first_token(session: aiohttp.ClientSession, url: str, data: bytes) -> dict[str, Any]:

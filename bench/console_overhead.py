@@ -49,6 +49,7 @@ from benchlib import (
     PY,
     ROOT,
     Procs,
+    chat_body,
     cortex_config,
     cortex_models_state,
     cpu_seconds,
@@ -64,7 +65,6 @@ from benchlib import (
 )
 
 MODEL = "bench-fast"
-PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
 TARGET = 0.90
 """console req/s ÷ no-tui req/s must be at least this (issue 6 point 4)."""
 MIN_TTY_BYTES = 20_000
@@ -86,10 +86,6 @@ FULL = {
 }
 QUICK = FULL | {"rounds": 2, "req_n": 1500, "req_warm": 300, "idle_s": 1.0, "stream_n": 0, "budget_s": 90}
 MODES = ("no-tui", "console")
-
-
-def chat_body(max_tokens: int, stream: bool) -> str:
-    return json.dumps({"model": MODEL, "messages": PROMPT, "max_tokens": max_tokens, "stream": stream})
 
 
 # -- cortex in a pseudo-terminal -----------------------------------------------------------------------
@@ -247,7 +243,7 @@ def one_start(
                     "host": "127.0.0.1",
                     "port": cport,
                     "path": "/v1/chat/completions",
-                    "body": chat_body(cfg["max_tokens"], False),
+                    "body": chat_body(MODEL, cfg["max_tokens"]),
                     "expect": '"usage"',
                     "concurrency": cfg["conc"],
                     "requests": cfg["req_n"],
@@ -261,7 +257,7 @@ def one_start(
                         "mode": "stream",
                         "target": "streams",
                         "url": base + "/v1/chat/completions",
-                        "body": chat_body(cfg["stream_tokens"], True),
+                        "body": chat_body(MODEL, cfg["stream_tokens"], stream=True),
                         "concurrency": cfg["stream_conc"],
                         "streams": cfg["stream_n"],
                         "warmup": cfg["stream_conc"] * 2,

@@ -34,6 +34,7 @@ from benchlib import (
     PY,
     ROOT,
     Procs,
+    chat_body,
     cortex_config,
     cortex_models_state,
     free_port,
@@ -44,9 +45,7 @@ from benchlib import (
 )
 
 MODEL = "bench-fast"
-BODY = json.dumps(
-    {"model": MODEL, "messages": [{"role": "user", "content": "Say hello in one short sentence."}], "max_tokens": 16}
-)
+BODY = chat_body(MODEL, 16)
 
 AREAS = (
     ("aiohttp", "aiohttp/"),

@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 ENGINE = web.AppKey("engine", object)
 FAST_ROUTES = web.AppKey("fast_routes", dict[bytes, Handler])
-"""The routes :class:`~cortex.proxy.fast.ClientProtocol` serves itself (path → the aiohttp handler)."""
+"""The routes :class:`~cortex.proxy.fast.ClientProtocol` serves itself (path → the handler, which may return a
+:class:`~cortex.proxy.fast.WholeAnswer` as it is; aiohttp's routes wrap the same handlers)."""
 CATALOGUE = web.AppKey("catalogue", Catalogue)
 """The app's :class:`~cortex.proxy.catalogue.Catalogue` (tests read how often it was built)."""
 
